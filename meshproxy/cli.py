@@ -1,0 +1,120 @@
+"""The `meshproxy` command: argument parsing only; each subcommand calls its component's run()."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Sequence
+
+from meshproxy import __version__
+
+# Spec §2 defaults; every one can be changed by a flag or a MESHPROXY_* variable.
+DEFAULT_PORTS = {
+    "outbound_port": 15001,
+    "inbound_port": 15006,
+    "admin_port": 15000,
+    "health_port": 15021,
+}
+
+
+def _env_default(name: str, default):
+    """Read MESHPROXY_<NAME> so a sidecar can be configured from its pod environment."""
+    value = os.environ.get("MESHPROXY_" + name.upper())
+    if value is None:
+        return default
+    if isinstance(default, int) or default is None and name.endswith("port"):
+        try:
+            return int(value)
+        except ValueError:
+            raise SystemExit(f"meshproxy: MESHPROXY_{name.upper()}={value!r} is not a port number")
+    return value
+
+
+def _add_proxy(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "proxy",
+        help="run one sidecar proxy",
+        description="Run one sidecar: outbound listener for the local app's calls, inbound "
+        "listener for calls to it, admin and health servers.",
+    )
+    p.add_argument("--service", default=_env_default("service", None),
+                   help="the sidecar's own Service (env MESHPROXY_SERVICE)")
+    p.add_argument("--namespace", default=_env_default("namespace", "default"))
+    p.add_argument("--instance", default=_env_default("instance", None),
+                   help="this instance's name, for logs and metrics")
+    p.add_argument("--config", nargs="+", metavar="PATH", default=None,
+                   help="standalone mode: YAML files or folders to read (no control plane)")
+    p.add_argument("--control", metavar="URL", default=_env_default("control", None),
+                   help="control-plane URL (comes with the control-plane issue)")
+    for name, port in DEFAULT_PORTS.items():
+        flag = "--" + name.replace("_", "-")
+        p.add_argument(flag, type=int, default=_env_default(name, port), metavar="PORT")
+    p.add_argument("--app-port", type=int, default=_env_default("app_port", None), metavar="PORT",
+                   help="local app port for inbound traffic (default: the original destination port)")
+    p.add_argument("--app-host", default=_env_default("app_host", "127.0.0.1"),
+                   help="local app host for inbound traffic")
+    p.add_argument("--outbound-bind", default=_env_default("outbound_bind", "127.0.0.1"))
+    p.add_argument("--inbound-bind", default=_env_default("inbound_bind", "0.0.0.0"))
+    p.add_argument("--drain-timeout", type=float, default=25.0, metavar="SECONDS")
+    p.add_argument("--log-level", default=_env_default("log_level", "info"),
+                   choices=["debug", "info", "warning", "error"])
+    p.add_argument("--no-uvloop", action="store_true", help="use the standard asyncio loop")
+
+
+def _add_check(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "check",
+        help="validate configuration files",
+        description="Validate YAML files or folders. Exit 0 with a one-line summary when valid; "
+        "exit 1 with one FILE:LINE:COL: message line per error otherwise.",
+    )
+    p.add_argument("paths", nargs="+", metavar="PATH")
+    p.add_argument("--strict", action="store_true", help="warnings also fail the check")
+
+
+def _add_up(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "up",
+        help="run a whole mesh on this machine",
+        description="Start every meshed instance's command and a sidecar for each, print a table "
+        "of instances and ports, stop everything on Ctrl-C or SIGTERM.",
+    )
+    p.add_argument("mesh_file", nargs="?", default=None, metavar="MESH_FILE")
+    p.add_argument("--state-dir", default=None, help="folder for logs and state (default: a temporary one)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="meshproxy", description="A service mesh in Python.")
+    parser.add_argument("--version", action="version", version=f"meshproxy {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    _add_up(sub)
+    _add_proxy(sub)
+    _add_check(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    if args.command == "proxy":
+        from meshproxy.dataplane.server import run_proxy
+
+        return run_proxy(args)
+    if args.command == "check":
+        from meshproxy.config.check import run_check
+
+        return run_check(args.paths, strict=args.strict)
+    if args.command == "up":
+        from meshproxy.local.up import run_up
+
+        return run_up(args)
+    parser.error(f"unknown command {args.command}")
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
