@@ -1,0 +1,289 @@
+"""Where a request goes: Services and their endpoints at run time, and the two resolvers.
+
+The outbound resolver maps a request's authority (spec §4: NAME, NAME.NS, NAME.NS.svc,
+NAME.NS.svc.cluster.local, with or without port; or the authority of an absolute-form target)
+to a Service; unknown destinations pass through under ALLOW_ANY or get 502 under
+REGISTRY_ONLY. The inbound resolver always answers with the local app.
+
+Run-time state (balancer load, connection pools) lives in EndpointRuntime objects that survive a
+configuration change when the endpoint stays the same.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from typing import Callable
+
+from meshproxy.dataplane.upstream import ConnectionPool
+from meshproxy.http1.errors import BadRequest, NoEndpoints, UnknownDestination
+from meshproxy.http1.events import RequestHead
+from meshproxy.policy.balancer import EndpointLoad, make_balancer
+
+# Spec §3: idle keep-alive towards meshed peers (their inbound keeps clients 75 s) and towards
+# apps and unmeshed endpoints (which often close idle connections after 2-5 s).
+IDLE_TO_MESHED = 60.0
+IDLE_TO_APP = 1.5
+MAX_PASSTHROUGH = 1024
+
+
+class EndpointRuntime:
+    """One upstream endpoint: its address, balancer load and connection pool."""
+
+    __slots__ = ("key", "host", "port", "meshed", "instance", "load", "pool")
+
+    def __init__(self, host: str, port: int, *, meshed: bool, instance: str, load: EndpointLoad,
+                 pool: ConnectionPool) -> None:
+        self.key = f"{host}:{port}"
+        self.host = host
+        self.port = port
+        self.meshed = meshed
+        self.instance = instance
+        self.load = load
+        self.pool = pool
+
+    def to_json(self, now: float) -> dict:
+        return {
+            "address": self.key,
+            "instance": self.instance,
+            "meshed": self.meshed,
+            "load": round(self.load.load(), 6),
+            "rtt_estimate_seconds": round(self.load.rtt_estimate(), 6),
+            "in_flight": self.load.in_flight,
+            "idle_connections": len(self.pool.idle),
+            "ejected_until": None,
+        }
+
+
+class ServiceRuntime:
+    """A Service as the data plane sees it: name, policy, endpoints and their balancer."""
+
+    __slots__ = ("key", "policy", "endpoints", "balancer")
+
+    def __init__(self, key: str, policy, endpoints: list[EndpointRuntime], balancer) -> None:
+        self.key = key
+        self.policy = policy
+        self.endpoints = endpoints
+        self.balancer = balancer
+
+    def pick(self) -> EndpointRuntime:
+        """Return the endpoint the balancer chooses. Raises NoEndpoints when there is none."""
+        endpoints = self.endpoints
+        if not endpoints:
+            raise NoEndpoints(f"{self.key} has no endpoints")
+        if len(endpoints) == 1:
+            return endpoints[0]
+        load = self.balancer.pick([e.load for e in endpoints])
+        for endpoint in endpoints:
+            if endpoint.load is load:
+                return endpoint
+        raise AssertionError("balancer returned an unknown endpoint")  # pragma: no cover
+
+    def to_json(self, now: float) -> dict:
+        return {"service": self.key, "endpoints": [e.to_json(now) for e in self.endpoints]}
+
+
+def split_authority(authority: bytes) -> tuple[str, int | None]:
+    """Split `host[:port]` (IPv6 in brackets) into (lower-case host, port or None).
+
+    Raises BadRequest for an empty host or a port that is not a number in 1..65535.
+    """
+    text = authority.decode("latin-1").strip().lower()
+    host, port = text, None
+    if text.startswith("["):
+        end = text.find("]")
+        if end < 0:
+            raise BadRequest("bad authority")
+        host, rest = text[1:end], text[end + 1:]
+        if rest.startswith(":"):
+            port = rest[1:]
+        elif rest:
+            raise BadRequest("bad authority")
+    elif text.count(":") == 1:
+        host, port = text.split(":")
+    if not host:
+        raise BadRequest("empty host in authority")
+    if port is None or port == "":
+        return host, None
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise BadRequest("bad port in authority")
+    return host, int(port)
+
+
+class Destinations:
+    """Builds and keeps the ServiceRuntime objects of one configuration snapshot."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, metrics, rng: random.Random,
+                 clock: Callable[[], float]) -> None:
+        self.loop = loop
+        self.metrics = metrics
+        self.rng = rng
+        self.clock = clock
+        self.snapshot = None
+        self.services: dict[str, ServiceRuntime] = {}
+        self._endpoints: dict[tuple, EndpointRuntime] = {}
+        self.passthrough: dict[tuple[str, int], ServiceRuntime] = {}
+
+    def apply(self, snapshot) -> None:
+        """Swap in a new snapshot; endpoints that stay keep their load and pooled connections."""
+        services: dict[str, ServiceRuntime] = {}
+        endpoints: dict[tuple, EndpointRuntime] = {}
+        for key, service in snapshot.services.items():
+            policy = snapshot.policy_for(key)
+            runtimes = []
+            for instance in service.instances:
+                inbound = instance.sidecar_ports.inbound if instance.meshed else None
+                port = inbound if inbound else instance.app_port
+                meshed = bool(inbound)
+                endpoint = self._endpoint(key, instance.app_host, port, meshed, instance.name, policy)
+                endpoints[(key, endpoint.key)] = endpoint
+                runtimes.append(endpoint)
+            balancer = make_balancer(policy.load_balancer.type, self.rng)
+            services[key] = ServiceRuntime(key, policy, runtimes, balancer)
+        for ident, endpoint in self._endpoints.items():
+            if ident not in endpoints:
+                endpoint.pool.close_idle()
+        self._endpoints = endpoints
+        self.services = services
+        self.snapshot = snapshot
+        for runtime in self.passthrough.values():
+            for endpoint in runtime.endpoints:
+                endpoint.pool.close_idle()
+        self.passthrough = {}
+
+    def _endpoint(self, service_key: str, host: str, port: int, meshed: bool, instance: str,
+                  policy) -> EndpointRuntime:
+        existing = self._endpoints.get((service_key, f"{host}:{port}"))
+        if existing is not None and existing.meshed == meshed:
+            existing.instance = instance
+            return existing
+        pool_spec = policy.connection_pool
+        pool = ConnectionPool(
+            self.loop, host, port,
+            idle_timeout=pool_spec.idle_timeout_for(meshed),
+            connect_timeout=pool_spec.connect_timeout,
+            metrics=self.metrics,
+        )
+        lb = policy.load_balancer
+        load = EndpointLoad(f"{host}:{port}", lb.default_rtt, lb.decay, self.clock)
+        return EndpointRuntime(host, port, meshed=meshed, instance=instance, load=load, pool=pool)
+
+    def passthrough_to(self, host: str, port: int) -> ServiceRuntime:
+        """Return (creating if needed) the runtime for an unknown destination host:port."""
+        key = (host, port)
+        runtime = self.passthrough.get(key)
+        if runtime is None:
+            if len(self.passthrough) >= MAX_PASSTHROUGH:
+                # Bound the table: forget the oldest destination (dicts keep insertion order).
+                oldest = next(iter(self.passthrough))
+                for endpoint in self.passthrough.pop(oldest).endpoints:
+                    endpoint.pool.close_idle()
+            policy = self.snapshot.policy_for(f"{host}:{port}")
+            endpoint = self._endpoint(f"{host}:{port}", host, port, False, "", policy)
+            runtime = ServiceRuntime(f"{host}:{port}", policy, [endpoint],
+                                     make_balancer("RoundRobin", self.rng))
+            self.passthrough[key] = runtime
+        return runtime
+
+    def close_idle(self) -> None:
+        """Close all idle upstream connections (used when draining)."""
+        for endpoint in self._endpoints.values():
+            endpoint.pool.close_idle()
+        for runtime in self.passthrough.values():
+            for endpoint in runtime.endpoints:
+                endpoint.pool.close_idle()
+
+    def to_json(self) -> dict:
+        now = self.clock()
+        return {key: runtime.to_json(now) for key, runtime in self.services.items()}
+
+
+class OutboundResolver:
+    """Maps an outbound request to its destination Service by authority (spec §4)."""
+
+    direction = "outbound"
+
+    def __init__(self, destinations: Destinations, namespace: str,
+                 own_addresses: set[tuple[str, int]]) -> None:
+        self.destinations = destinations
+        self.namespace = namespace
+        # The proxy's own listeners: a request addressed to them would loop forever.
+        self.own_addresses = own_addresses
+        self._cache: dict[bytes, ServiceRuntime] = {}
+        self._cache_for = None
+
+    def resolve(self, head: RequestHead) -> tuple[ServiceRuntime, bytes]:
+        """Return (service, request target to send upstream).
+
+        Raises BadRequest (no usable authority), UnknownDestination (REGISTRY_ONLY, or the
+        proxy itself).
+        """
+        target = head.target
+        if target[:1] == b"/" or target == b"*":
+            authority = head.host
+            if authority is None:
+                raise BadRequest("request has no Host header")
+        else:
+            authority, target = self._absolute_form(head)
+        destinations = self.destinations
+        if self._cache_for is not destinations.snapshot:
+            self._cache = {}
+            self._cache_for = destinations.snapshot
+        runtime = self._cache.get(authority)
+        if runtime is None:
+            runtime = self._lookup(authority)
+            if len(self._cache) < 4096:
+                self._cache[authority] = runtime
+        return runtime, target
+
+    def _lookup(self, authority: bytes) -> ServiceRuntime:
+        host, port = split_authority(authority)
+        destinations = self.destinations
+        snapshot = destinations.snapshot
+        service = snapshot.resolve_authority(host, self.namespace)
+        if service is not None:
+            return destinations.services[service.key]
+        if snapshot.outbound_traffic_policy == "REGISTRY_ONLY":
+            raise UnknownDestination(f"{host} is not a known Service")
+        port = port or 80
+        if (host, port) in self.own_addresses or (
+            host in ("localhost", "127.0.0.1", "::1") and ("127.0.0.1", port) in self.own_addresses
+        ):
+            raise UnknownDestination("the destination is this proxy")
+        return destinations.passthrough_to(host, port)
+
+    @staticmethod
+    def _absolute_form(head: RequestHead) -> tuple[bytes, bytes]:
+        """Handle `GET http://authority/path` (RFC 9112 §3.2.2): the URI's authority wins
+        over Host, which is replaced; the upstream gets the origin form."""
+        target = head.target
+        if not target[:7].lower() == b"http://":
+            raise BadRequest("unsupported request target form")
+        rest = target[7:]
+        slash = rest.find(b"/")
+        query = rest.find(b"?")
+        cut = min(i for i in (slash, query, len(rest)) if i >= 0)
+        authority, path = rest[:cut], rest[cut:]
+        if b"@" in authority:
+            raise BadRequest("userinfo in request target")
+        if not authority:
+            raise BadRequest("empty authority in request target")
+        if path[:1] != b"/":
+            path = b"/" + path
+        head.headers = [(k, v) for k, v in head.headers if k.lower() != b"host"]
+        head.headers.insert(0, (b"host", authority))
+        head.host = authority
+        return authority, path
+
+
+class InboundResolver:
+    """Every inbound request goes to the local app, under the sidecar's own Service."""
+
+    direction = "inbound"
+
+    def __init__(self, runtime: ServiceRuntime) -> None:
+        self.runtime = runtime
+
+    def resolve(self, head: RequestHead) -> tuple[ServiceRuntime, bytes]:
+        """Return (the local app's runtime, the target unchanged)."""
+        return self.runtime, head.target

@@ -1,0 +1,296 @@
+"""The client side of the proxy: one asyncio protocol per accepted connection.
+
+It parses requests (sans-I/O reader), runs their exchanges strictly one after another (a
+pipelined request waits, and the client is paused, until the previous response is complete),
+enforces the header-read and idle keep-alive timeouts, passes back-pressure on, and becomes a
+byte tunnel after a successful Upgrade.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+from collections import deque
+from typing import TYPE_CHECKING
+
+from meshproxy.dataplane.exchange import Exchange
+from meshproxy.http1.errors import HeaderTimeout, ProxyError, error_response
+from meshproxy.http1.events import END_OF_MESSAGE, RequestHead, Upgrade
+from meshproxy.http1.reader import RequestReader
+
+if TYPE_CHECKING:  # pragma: no cover
+    from meshproxy.dataplane.listener import Listener
+    from meshproxy.dataplane.upstream import UpstreamConnection
+
+log = logging.getLogger("meshproxy.downstream")
+
+_IDLE, _HEAD, _BUSY = 0, 1, 2
+
+
+class DownstreamConnection(asyncio.Protocol):
+    """A client connection on an inbound or outbound listener."""
+
+    PAUSE_PIPELINE = 1  # a request waits behind the one in flight
+    PAUSE_BUFFER = 2  # request bytes wait for the upstream connection
+    PAUSE_UPSTREAM = 4  # the upstream's send buffer is full
+    PAUSE_TUNNEL = 8  # tunnel: the upstream's send buffer is full
+
+    __slots__ = (
+        "listener", "loop", "resolver", "metrics", "direction", "transport", "reader",
+        "current", "parsing", "queue", "_paused", "_state", "_deadline", "_timer", "_closing",
+        "_writing_paused", "_tunnel", "_eof",
+    )
+
+    def __init__(self, listener: "Listener") -> None:
+        self.listener = listener
+        self.loop = listener.loop
+        self.resolver = listener.resolver
+        self.metrics = listener.metrics
+        self.direction = listener.direction
+        self.transport: asyncio.Transport | None = None
+        self.reader = RequestReader()
+        self.current: Exchange | None = None  # the exchange being answered
+        self.parsing: Exchange | None = None  # the exchange whose request is being read
+        self.queue: deque[Exchange] = deque()  # pipelined requests waiting their turn
+        self._paused = 0
+        self._state = _IDLE
+        self._deadline = 0.0
+        self._timer: asyncio.TimerHandle | None = None
+        self._closing = False
+        self._writing_paused = False
+        self._tunnel: "UpstreamConnection | None" = None
+        self._eof = False
+
+    # -- asyncio.Protocol ---------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family != socket.AF_UNIX:
+            # Heads and small bodies go out in separate writes; Nagle's algorithm would hold
+            # the second one back until the client acknowledges the first.
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.listener.connections.add(self)
+        self.metrics.connection_opened(self.direction, False)
+        self._arm(_IDLE, self.listener.idle_timeout)
+
+    def data_received(self, data: bytes) -> None:
+        tunnel = self._tunnel
+        if tunnel is not None:
+            tunnel.transport.write(data)
+            return
+        if self._closing:
+            return
+        if self._state == _IDLE:
+            self._arm(_HEAD, self.listener.header_timeout)
+        try:
+            events = self.reader.feed(data)
+        except ProxyError as exc:
+            self._protocol_error(exc)
+            return
+        for event in events:
+            if event.__class__ is bytes:
+                self.parsing.request_body(event)
+            elif event is END_OF_MESSAGE:
+                exchange = self.parsing
+                exchange.request_end()
+                if not exchange.upgrading:
+                    self.parsing = None
+            elif event.__class__ is RequestHead:
+                self._on_head(event)
+            elif event.__class__ is Upgrade:
+                # Bytes after an upgrade request belong to the new protocol; they wait in the
+                # exchange until the upstream agrees (101) or refuses.
+                self.reader = None
+                if event.rest:
+                    self.parsing.request_body(event.rest)
+            if self._closing:
+                return
+
+    def _on_head(self, head: RequestHead) -> None:
+        self._state = _BUSY
+        self._deadline = 0.0
+        exchange = Exchange(self, head)
+        self.parsing = exchange
+        if self.listener.draining:
+            exchange.client_keep_alive = False
+        if self.current is None:
+            self.current = exchange
+            exchange.start()
+        else:
+            self.queue.append(exchange)
+            self.pause_reading(self.PAUSE_PIPELINE)
+
+    def eof_received(self) -> bool:
+        self._eof = True
+        if self._tunnel is not None:
+            if self._tunnel.transport.can_write_eof():
+                self._tunnel.transport.write_eof()
+            return True
+        if self.current is not None and self.parsing is None and not self.queue:
+            # The client half-closed after a complete request: answer it, then close.
+            return True
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._closing = True
+        self.listener.connections.discard(self)
+        self.metrics.connection_closed(self.direction, False)
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        tunnel, self._tunnel = self._tunnel, None
+        if tunnel is not None:
+            tunnel.tunnel_peer = None
+            tunnel.close()
+        if self.current is not None:
+            self.current.downstream_lost()
+        for exchange in self.queue:
+            exchange.downstream_lost()
+        self.queue.clear()
+        self.current = self.parsing = None
+        self.listener.connection_gone()
+
+    def pause_writing(self) -> None:
+        # The client reads slower than the upstream sends: stop reading the upstream.
+        self._writing_paused = True
+        upstream = self._tunnel or (self.current.upstream if self.current else None)
+        if upstream is not None and upstream.transport is not None:
+            upstream.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        self._writing_paused = False
+        upstream = self._tunnel or (self.current.upstream if self.current else None)
+        if upstream is not None and upstream.transport is not None:
+            upstream.transport.resume_reading()
+
+    # -- used by exchanges ------------------------------------------------------------------------
+
+    def write(self, data: bytes) -> None:
+        self.transport.write(data)
+
+    def writelines(self, parts: list) -> None:
+        self.transport.writelines(parts)
+
+    def write_error(self, error: ProxyError, *, keep_alive: bool) -> None:
+        self.transport.write(error_response(error, keep_alive=keep_alive))
+
+    def closing_after_response(self) -> bool:
+        """True when this connection will close after the current response."""
+        return self._closing or self.listener.draining or self._eof
+
+    def pause_reading(self, reason: int) -> None:
+        if not self._paused and self.transport is not None:
+            self.transport.pause_reading()
+        self._paused |= reason
+
+    def resume_reading(self, reason: int) -> None:
+        if not self._paused & reason:
+            return
+        self._paused &= ~reason
+        if not self._paused and self.transport is not None and not self._closing:
+            self.transport.resume_reading()
+
+    def exchange_done(self, exchange: Exchange) -> None:
+        """The current exchange's response is complete: close, or go on to the next request."""
+        if exchange is not self.current:
+            return
+        self.current = None
+        if not exchange.client_keep_alive or self.listener.draining or (
+            self._eof and not self.queue
+        ):
+            self._close()
+            return
+        if self.queue:
+            self.current = self.queue.popleft()
+            if not self.queue:
+                self.resume_reading(self.PAUSE_PIPELINE)
+            self.current.start()
+            return
+        self.resume_reading(self.PAUSE_PIPELINE)
+        if self.reader is not None and self.reader.in_message:
+            self._arm(_HEAD, self.listener.header_timeout)
+        else:
+            self._arm(_IDLE, self.listener.idle_timeout)
+
+    def exchange_aborted(self, exchange: Exchange) -> None:
+        """The response broke off midway: the client must see the connection fail."""
+        self.current = None
+        self._closing = True
+        if self.transport is not None:
+            self.transport.abort()
+
+    def start_tunnel(self, upstream: "UpstreamConnection", pending: list) -> None:
+        """After 101: relay bytes both ways until either side closes."""
+        self.current = self.parsing = None
+        self._state = _BUSY
+        self._deadline = 0.0
+        self._tunnel = upstream
+        upstream.tunnel_peer = self.transport
+        if pending:
+            upstream.transport.writelines(pending)
+        self._paused = 0
+        self.transport.resume_reading()
+        if self._writing_paused:
+            upstream.transport.pause_reading()
+
+    def close_if_idle(self) -> None:
+        """Drain: close now if no request is in progress; otherwise after the response."""
+        if self.current is None and self._tunnel is None and (
+            self.reader is None or not self.reader.in_message
+        ):
+            self._close()
+
+    # -- internals ---------------------------------------------------------------------------------
+
+    def _protocol_error(self, error: ProxyError) -> None:
+        # The stream position is unknown after a framing error: answer (if nothing else is
+        # being answered on this connection) and close.
+        self._closing = True
+        self.reader = None
+        if self.current is None:
+            self.metrics.request_finished(
+                self.direction, "unknown", "default", error.status, 0.0, 0, 0
+            )
+            self.transport.write(error_response(error, keep_alive=False))
+            self._close()
+        elif self.parsing is self.current:
+            # The request being forwarded has a broken body: stop it upstream and answer 400
+            # (or cut the connection if its response has already started).
+            self.current.fail(error)
+        else:
+            # Respond to the in-flight request first; the bad one is never forwarded.
+            for exchange in self.queue:
+                exchange.downstream_lost()
+            self.queue.clear()
+            self.current.client_keep_alive = False
+
+    def _arm(self, state: int, timeout: float) -> None:
+        # One lazily re-armed timer per connection: moving a deadline is a float assignment,
+        # which matters on a keep-alive connection that serves thousands of requests.
+        self._state = state
+        self._deadline = self.loop.time() + timeout
+        if self._timer is None:
+            self._timer = self.loop.call_at(self._deadline, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        if self._closing or self._state == _BUSY:
+            return
+        remaining = self._deadline - self.loop.time()
+        if remaining > 0.001:
+            self._timer = self.loop.call_at(self._deadline, self._on_timer)
+            return
+        if self._state == _HEAD:
+            error = HeaderTimeout("request head not received in time")
+            self.metrics.request_finished(
+                self.direction, "unknown", "default", error.status, 0.0, 0, 0
+            )
+            self.transport.write(error_response(error, keep_alive=False))
+        self._close()
+
+    def _close(self) -> None:
+        self._closing = True
+        if self.transport is not None:
+            self.transport.close()

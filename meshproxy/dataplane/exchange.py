@@ -1,0 +1,353 @@
+"""One request's life through the proxy: resolve, pick, send, stream back, record.
+
+An Exchange is driven by events from both connections: the downstream (client) side hands it
+the request head, body pieces and the end of the request; the upstream side hands it the
+response. Bodies stream straight through; nothing is buffered whole. Before the upstream
+connection is ready, request bytes wait in a small buffer that pauses the client when full.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from typing import TYPE_CHECKING
+
+from meshproxy.http1.errors import ProxyError, UpstreamReset
+from meshproxy.http1.events import RequestHead, ResponseHead
+from meshproxy.http1.writer import (
+    LAST_CHUNK,
+    chunk,
+    informational_bytes,
+    request_head_bytes,
+    response_head_bytes,
+)
+
+if TYPE_CHECKING:  # pragma: no cover
+    from meshproxy.dataplane.destinations import EndpointRuntime, ServiceRuntime
+    from meshproxy.dataplane.downstream import DownstreamConnection
+    from meshproxy.dataplane.upstream import UpstreamConnection
+
+# Request bytes held while the upstream connection is being set up; past this the client is
+# paused rather than buffered without bound.
+PENDING_BODY_LIMIT = 64 * 1024
+
+
+def new_request_id(rng: random.Random) -> bytes:
+    """Return a random UUID-4-shaped id for `x-request-id`.
+
+    Drawn from the proxy's random source rather than os.urandom, which is a system call per
+    request; an id only has to be unique, not secret.
+    """
+    h = b"%032x" % ((rng.getrandbits(128) & _UUID4_CLEAR) | _UUID4_SET)
+    return b"%s-%s-%s-%s-%s" % (h[:8], h[8:12], h[12:16], h[16:20], h[20:])
+
+
+# Version 4 and the RFC 4122 variant bits, so the id reads as a UUID to log tools.
+_UUID4_CLEAR = ~((0xF << 76) | (0x3 << 62)) & ((1 << 128) - 1)
+_UUID4_SET = (0x4 << 76) | (0x2 << 62)
+
+
+class Exchange:
+    """A request and its response between one client connection and one upstream."""
+
+    __slots__ = (
+        "down", "head", "service", "endpoint", "upstream", "target", "started_at", "t0",
+        "request_complete", "pending", "pending_bytes", "response", "response_chunked",
+        "client_keep_alive", "finished", "request_bytes", "response_bytes", "connect_task",
+        "upgrading", "reused_retry_done", "status", "out",
+    )
+
+    def __init__(self, down: "DownstreamConnection", head: RequestHead) -> None:
+        self.down = down
+        self.head = head
+        self.service: "ServiceRuntime | None" = None
+        self.endpoint: "EndpointRuntime | None" = None
+        self.upstream: "UpstreamConnection | None" = None
+        self.target = head.target
+        self.started_at = 0.0  # balancer start time of the current attempt
+        self.t0 = down.loop.time()
+        self.request_complete = False
+        self.pending: list = []
+        self.pending_bytes = 0
+        self.response: ResponseHead | None = None
+        self.response_chunked = False
+        self.client_keep_alive = head.keep_alive
+        self.finished = False
+        self.request_bytes = 0
+        self.response_bytes = 0
+        self.connect_task: asyncio.Task | None = None
+        self.upgrading = head.upgrade is not None
+        self.reused_retry_done = False
+        self.status = 0
+        # Response bytes produced while handling one read from the upstream; written with one
+        # writelines() (one system call) at the end of that read: a head and a small body then
+        # leave together, which on these machines costs less than the Python around it.
+        self.out: list = []
+
+    # -- starting ---------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Resolve the destination, pick an endpoint and get a connection to it."""
+        try:
+            self.service, self.target = self.down.resolver.resolve(self.head)
+            self._attempt()
+        except ProxyError as exc:
+            self.fail(exc)
+
+    def _attempt(self) -> None:
+        endpoint = self.endpoint = self.service.pick()
+        self.started_at = endpoint.load.start()
+        conn = endpoint.pool.take_idle()
+        if conn is not None:
+            self._attach(conn)
+        else:
+            self.connect_task = self.down.loop.create_task(self._connect(endpoint))
+
+    async def _connect(self, endpoint: "EndpointRuntime") -> None:
+        try:
+            conn = await endpoint.pool.connect()
+        except ProxyError as exc:
+            self.connect_task = None
+            if not self.finished:
+                self.fail(exc)
+            return
+        except asyncio.CancelledError:
+            return
+        self.connect_task = None
+        if self.finished:
+            endpoint.pool.release(conn)
+            return
+        self._attach(conn)
+
+    def _attach(self, conn: "UpstreamConnection") -> None:
+        self.upstream = conn
+        conn.exchange = self
+        conn.requests += 1
+        head = self.head
+        conn.reader.expect(head.method == b"HEAD")
+        extra = None
+        if head.request_id is None:
+            head.request_id = new_request_id(self.down.listener.rng)
+            extra = [(b"x-request-id", head.request_id)]
+        parts = [request_head_bytes(head, self.target, extra, upgrade=self.upgrading)]
+        if self.pending:
+            pending, self.pending = self.pending, []
+            self.pending_bytes = 0
+            if head.chunked and not self.upgrading:
+                for data in pending:
+                    parts += chunk(data)
+            else:
+                parts += pending
+            self.down.resume_reading(self.down.PAUSE_BUFFER)
+        if self.request_complete and head.chunked and not self.upgrading:
+            parts.append(LAST_CHUNK)
+        conn.transport.writelines(parts)
+
+    # -- request side (from the downstream connection) ----------------------------------------
+
+    def request_body(self, data: bytes) -> None:
+        """A piece of the request body (or, while upgrading, tunnel bytes) arrived."""
+        self.request_bytes += len(data)
+        conn = self.upstream
+        if conn is not None and not self.upgrading:
+            if self.head.chunked:
+                conn.transport.writelines(chunk(data))
+            else:
+                conn.transport.write(data)
+            return
+        if self.finished:
+            return
+        self.pending.append(data)
+        self.pending_bytes += len(data)
+        if self.pending_bytes > PENDING_BODY_LIMIT:
+            self.down.pause_reading(self.down.PAUSE_BUFFER)
+
+    def request_end(self) -> None:
+        """The client finished sending the request."""
+        self.request_complete = True
+        conn = self.upstream
+        if conn is not None and self.head.chunked and not self.upgrading:
+            conn.transport.write(LAST_CHUNK)
+
+    def upstream_write_paused(self) -> None:
+        self.down.pause_reading(self.down.PAUSE_UPSTREAM)
+
+    def upstream_write_resumed(self) -> None:
+        self.down.resume_reading(self.down.PAUSE_UPSTREAM)
+
+    # -- response side (from the upstream connection) -----------------------------------------
+
+    def response_head(self, head: ResponseHead) -> None:
+        """Forward the response head; interim 1xx responses pass through as they come."""
+        down = self.down
+        if head.informational:
+            self.out.append(informational_bytes(head))
+            return
+        self.response = head
+        self.status = head.status
+        if head.status == 101:
+            return  # the Upgrade event follows at once
+        if self.upgrading:
+            # The upstream refused the upgrade: answer normally, then the client connection
+            # must close, since the client may already have sent non-HTTP bytes.
+            self.upgrading = False
+            self.client_keep_alive = False
+        keep = self.client_keep_alive and not down.closing_after_response()
+        has_body = not (self.head.method == b"HEAD" or head.status in (204, 304))
+        chunked = False
+        if has_body and (head.chunked or head.close_delimited):
+            if self.head.version == "1.1":
+                chunked = True  # keep the client connection even if the upstream closes
+            else:
+                keep = False  # HTTP/1.0 client: the end of the body is the close
+        self.client_keep_alive = keep
+        self.response_chunked = chunked
+        self.out.append(response_head_bytes(head, chunked=chunked, keep_alive=keep,
+                                            client_version=self.head.version))
+
+    def response_body(self, data: bytes) -> None:
+        self.response_bytes += len(data)
+        if self.response_chunked:
+            self.out += chunk(data)
+        else:
+            self.out.append(data)
+
+    def flush(self) -> None:
+        """Write the response bytes gathered from one upstream read."""
+        out = self.out
+        if out:
+            self.out = []
+            self.down.writelines(out)
+
+    def response_end(self) -> None:
+        """The response ended: finish the exchange and return the connection to its pool."""
+        if self.response_chunked:
+            self.out.append(LAST_CHUNK)
+        self.flush()
+        conn = self.upstream
+        self.upstream = None
+        if conn is not None:
+            conn.exchange = None
+            if self.response.keep_alive and self.request_complete:
+                self.endpoint.pool.release(conn)
+            else:
+                conn.close()
+        if not self.request_complete:
+            # The upstream answered before the request body ended (e.g. 413): the rest of the
+            # body has nowhere to go, so the client connection ends after this response.
+            self.client_keep_alive = False
+        self._finish()
+
+    def response_upgrade(self, rest: bytes) -> None:
+        """101 Switching Protocols: both connections become a byte tunnel."""
+        head = self.response
+        conn = self.upstream
+        down = self.down
+        if head is None or head.status != 101 or not self.upgrading:
+            self.upstream_failed(ProxyError("unexpected protocol switch"))
+            return
+        self.out.append(response_head_bytes(head, chunked=False, keep_alive=True,
+                                            client_version=self.head.version))
+        if rest:
+            self.out.append(rest)
+        self.flush()
+        pending, self.pending = self.pending, []
+        conn.exchange = None
+        self.upstream = None
+        self._record()
+        self.finished = True
+        down.start_tunnel(conn, pending)
+
+    # -- failures -------------------------------------------------------------------------------
+
+    def upstream_failed(self, error: ProxyError, reset: bool = False) -> None:
+        """The upstream broke the protocol or the connection mid-exchange."""
+        conn, self.upstream = self.upstream, None
+        if conn is not None:
+            conn.exchange = None
+            conn.abort()
+        if self.finished:
+            return
+        if self.response is None:
+            self.fail(UpstreamReset(str(error)) if reset else error)
+        else:
+            self._abort_client()
+
+    def upstream_lost(self) -> None:
+        """The upstream connection closed while this exchange was using it."""
+        conn, self.upstream = self.upstream, None
+        if self.finished:
+            return
+        if self.response is None:
+            if (conn is not None and conn.requests > 1 and not self.reused_retry_done
+                    and self.request_complete and not self.head.has_body and not self.upgrading):
+                # A reused keep-alive connection that the server had just closed (the idle
+                # race): nothing reached the app, so try once more on a fresh connection.
+                self.reused_retry_done = True
+                self.endpoint.load.finish(self.started_at)
+                try:
+                    self._attempt()
+                except ProxyError as exc:
+                    self.fail(exc)
+                return
+            self.fail(UpstreamReset("upstream closed before responding"))
+        else:
+            self._abort_client()
+
+    def fail(self, error: ProxyError) -> None:
+        """End the exchange with the proxy's own error response (spec §4)."""
+        if self.finished:
+            return
+        conn, self.upstream = self.upstream, None
+        if conn is not None:
+            conn.exchange = None
+            conn.abort()
+        if self.response is not None:
+            self._abort_client()
+            return
+        self.status = error.status
+        keep = self.client_keep_alive and self.request_complete and not self.upgrading
+        self.client_keep_alive = keep
+        self.down.write_error(error, keep_alive=keep)
+        self._finish()
+
+    def _abort_client(self) -> None:
+        # The response already started: the only honest signal left is a broken connection.
+        self.flush()
+        self.client_keep_alive = False
+        self.status = self.status or 502
+        self._record()
+        self.finished = True
+        self.down.exchange_aborted(self)
+
+    def downstream_lost(self) -> None:
+        """The client went away: stop the upstream side too."""
+        if self.finished:
+            return
+        self.finished = True
+        if self.connect_task is not None:
+            self.connect_task.cancel()
+        conn, self.upstream = self.upstream, None
+        if conn is not None:
+            conn.exchange = None
+            conn.abort()
+        if self.endpoint is not None:
+            self.endpoint.load.finish(self.started_at)
+
+    # -- the end --------------------------------------------------------------------------------
+
+    def _record(self) -> None:
+        endpoint = self.endpoint
+        if endpoint is not None:
+            endpoint.load.finish(self.started_at)
+        down = self.down
+        service = self.service.key if self.service is not None else "unknown"
+        down.metrics.request_finished(
+            down.direction, service, "default", self.status, down.loop.time() - self.t0,
+            self.request_bytes, self.response_bytes,
+        )
+
+    def _finish(self) -> None:
+        self._record()
+        self.finished = True
+        self.down.exchange_done(self)

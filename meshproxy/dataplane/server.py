@@ -1,0 +1,226 @@
+"""`meshproxy proxy`: wires configuration, listeners, admin servers, signals and drain together."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import signal
+import sys
+from dataclasses import dataclass, field
+
+from meshproxy.admin import start_servers
+from meshproxy.dataplane.destinations import (
+    IDLE_TO_APP,
+    Destinations,
+    EndpointRuntime,
+    InboundResolver,
+    OutboundResolver,
+    ServiceRuntime,
+)
+from meshproxy.dataplane.listener import CLIENT_IDLE_TIMEOUT, HEADER_TIMEOUT, Listener
+from meshproxy.dataplane.upstream import ConnectionPool
+from meshproxy.observability.metrics import ProxyMetrics
+from meshproxy.policy.balancer import EndpointLoad, make_balancer
+
+log = logging.getLogger("meshproxy.proxy")
+
+
+@dataclass
+class ProxySettings:
+    """Everything `meshproxy proxy` was told on its command line (spec §1, §2)."""
+
+    service: str | None
+    namespace: str = "default"
+    instance: str | None = None
+    config_paths: list[str] = field(default_factory=list)
+    outbound_bind: str = "127.0.0.1"
+    outbound_port: int = 15001
+    inbound_bind: str = "0.0.0.0"
+    inbound_port: int = 15006
+    admin_port: int = 15000
+    health_port: int = 15021
+    app_host: str = "127.0.0.1"
+    app_port: int | None = None
+    drain_timeout: float = 25.0
+    header_timeout: float = HEADER_TIMEOUT
+    client_idle_timeout: float = CLIENT_IDLE_TIMEOUT
+
+    @property
+    def service_key(self) -> str:
+        return f"{self.service or 'unknown'}.{self.namespace}"
+
+
+class Proxy:
+    """A running sidecar: the AdminState the admin server reads, and the drain logic."""
+
+    def __init__(self, settings: ProxySettings, snapshot, loop: asyncio.AbstractEventLoop) -> None:
+        self.settings = settings
+        self.loop = loop
+        self.metrics = ProxyMetrics()
+        self.rng = random.Random()
+        self.destinations = Destinations(loop, self.metrics, self.rng, loop.time)
+        self.destinations.apply(snapshot)
+        self.metrics.set_config_version(snapshot.version)
+        self.listeners: list[Listener] = []
+        self.admin = None
+        self.ready = False
+        self.stopped = loop.create_future()
+        self._draining: asyncio.Task | None = None
+        self._inbound_runtime: ServiceRuntime | None = None
+
+    # -- AdminState -------------------------------------------------------------------------
+
+    def is_live(self) -> bool:
+        return True
+
+    def is_ready(self) -> bool:
+        return self.ready and self._draining is None
+
+    def config_json(self) -> dict:
+        snapshot = self.destinations.snapshot
+        return {"version": snapshot.version, "service": self.settings.service_key,
+                "config": snapshot.to_json()}
+
+    def endpoints_json(self) -> dict:
+        data = self.destinations.to_json()
+        inbound = self._inbound_runtime
+        if inbound is not None:
+            data["inbound"] = inbound.to_json(self.loop.time())
+        return data
+
+    async def drain(self) -> None:
+        if self._draining is None:
+            self._draining = asyncio.ensure_future(self._drain())
+        await asyncio.shield(self._draining)
+
+    # -- life cycle ---------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Bind every port; the proxy is ready once all are listening."""
+        s = self.settings
+        own_ports: set[tuple[str, int]] = set()
+        outbound = Listener(
+            self.loop,
+            OutboundResolver(self.destinations, s.namespace, own_ports),
+            self.metrics, self.rng, header_timeout=s.header_timeout,
+            idle_timeout=s.client_idle_timeout,
+        )
+        s.outbound_port = await outbound.start(s.outbound_bind, s.outbound_port)
+        self.listeners.append(outbound)
+        self._inbound_runtime = self._make_inbound_runtime()
+        inbound = Listener(
+            self.loop, InboundResolver(self._inbound_runtime), self.metrics, self.rng,
+            header_timeout=s.header_timeout, idle_timeout=s.client_idle_timeout,
+        )
+        s.inbound_port = await inbound.start(s.inbound_bind, s.inbound_port)
+        self.listeners.append(inbound)
+        own_ports.update({("127.0.0.1", s.outbound_port), ("127.0.0.1", s.inbound_port)})
+        self.admin = await start_servers(self, "127.0.0.1", s.admin_port, "0.0.0.0", s.health_port)
+        s.admin_port, s.health_port = self.admin.admin_port, self.admin.health_port
+        self.ready = True
+
+    def _make_inbound_runtime(self) -> ServiceRuntime:
+        """The local app as an endpoint: --app-port, else this instance's app in the Mesh."""
+        s = self.settings
+        host, port = s.app_host, s.app_port
+        snapshot = self.destinations.snapshot
+        service = snapshot.services.get(s.service_key)
+        if port is None and service is not None:
+            instances = [i for i in service.instances if i.name == s.instance] or (
+                list(service.instances) if len(service.instances) == 1 else []
+            )
+            if instances:
+                host, port = instances[0].app_host, instances[0].app_port
+        policy = snapshot.policy_for(s.service_key)
+        endpoints = []
+        if port is not None:
+            pool = ConnectionPool(self.loop, host, port, idle_timeout=IDLE_TO_APP,
+                                  connect_timeout=policy.connection_pool.connect_timeout,
+                                  metrics=self.metrics)
+            lb = policy.load_balancer
+            load = EndpointLoad(f"{host}:{port}", lb.default_rtt, lb.decay, self.loop.time)
+            endpoints.append(EndpointRuntime(host, port, meshed=False, instance=s.instance or "",
+                                             load=load, pool=pool))
+        else:
+            log.warning("no --app-port and no app address for %s: inbound requests get 503",
+                        s.service_key)
+        return ServiceRuntime(s.service_key, policy, endpoints, make_balancer("RoundRobin", self.rng))
+
+    async def _drain(self) -> None:
+        """Stop accepting, let in-flight exchanges finish (bounded), close idle, then stop."""
+        log.info("draining (at most %.0fs)", self.settings.drain_timeout)
+        for listener in self.listeners:
+            listener.stop_accepting()
+        try:
+            async with asyncio.timeout(self.settings.drain_timeout):
+                await asyncio.gather(*(listener.wait_closed() for listener in self.listeners))
+        except TimeoutError:
+            log.warning("drain timeout: closing the connections still open")
+            for listener in self.listeners:
+                listener.abort_all()
+        self.destinations.close_idle()
+        if self._inbound_runtime is not None:
+            for endpoint in self._inbound_runtime.endpoints:
+                endpoint.pool.close_idle()
+        if not self.stopped.done():
+            self.stopped.set_result(None)
+
+    async def close(self) -> None:
+        """Release the admin ports (after the drain)."""
+        if self.admin is not None:
+            await self.admin.close()
+
+
+async def serve(settings: ProxySettings, snapshot) -> int:
+    """Run the proxy until SIGTERM/SIGINT or POST /drain has drained it; return 0."""
+    loop = asyncio.get_running_loop()
+    proxy = Proxy(settings, snapshot, loop)
+    await proxy.start()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, lambda: asyncio.ensure_future(proxy.drain()))
+    log.info(
+        "meshproxy proxy %s ready: outbound 127.0.0.1:%d inbound %s:%d admin 127.0.0.1:%d "
+        "health :%d (config %s)", settings.service_key, settings.outbound_port,
+        settings.inbound_bind, settings.inbound_port, settings.admin_port, settings.health_port,
+        snapshot.version,
+    )
+    await proxy.stopped
+    await proxy.close()
+    log.info("drained; exiting")
+    return 0
+
+
+def run_proxy(args) -> int:
+    """Entry point of `meshproxy proxy` (parsed arguments from meshproxy.cli)."""
+    from meshproxy.config import ConfigError, load_config
+
+    logging.basicConfig(
+        level=args.log_level.upper(), stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    if args.control and not args.config:
+        print("meshproxy proxy: --control (control-plane mode) is not available in this "
+              "version; use --config PATH...", file=sys.stderr)
+        return 2
+    if not args.config:
+        print("meshproxy proxy: give --config PATH... (standalone mode)", file=sys.stderr)
+        return 2
+    try:
+        snapshot = load_config(args.config)
+    except ConfigError as exc:
+        print(str(exc), file=sys.stderr)
+        return 1
+    settings = ProxySettings(
+        service=args.service, namespace=args.namespace, instance=args.instance,
+        config_paths=list(args.config), outbound_bind=args.outbound_bind,
+        outbound_port=args.outbound_port, inbound_bind=args.inbound_bind,
+        inbound_port=args.inbound_port, admin_port=args.admin_port,
+        health_port=args.health_port, app_host=args.app_host, app_port=args.app_port,
+        drain_timeout=args.drain_timeout,
+    )
+    if not args.no_uvloop:
+        import uvloop
+
+        return uvloop.run(serve(settings, snapshot))
+    return asyncio.run(serve(settings, snapshot))

@@ -1,0 +1,232 @@
+"""Connections to upstream endpoints and the per-endpoint pool of idle keep-alive connections.
+
+An UpstreamConnection carries one exchange at a time (no pipelining towards upstreams: a
+failure would otherwise take several requests down with it). It turns bytes into response
+events for its exchange and passes back-pressure both ways. Pools keep idle connections
+newest-first, since the newest is the least likely to have been closed by the server, and close
+them after the idle timeout — short towards apps, which often close idle connections after 2-5 s.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+from typing import TYPE_CHECKING
+
+from meshproxy.http1.errors import ConnectFailure, ProxyError
+from meshproxy.http1.events import END_OF_MESSAGE, ResponseHead, Upgrade
+from meshproxy.http1.reader import ResponseReader
+
+if TYPE_CHECKING:  # pragma: no cover
+    from meshproxy.dataplane.exchange import Exchange
+
+log = logging.getLogger("meshproxy.upstream")
+
+
+class UpstreamConnection(asyncio.Protocol):
+    """One TCP connection to an upstream endpoint, speaking HTTP/1.1 as a client."""
+
+    __slots__ = (
+        "pool", "transport", "reader", "exchange", "requests", "idle_since", "closed",
+        "tunnel_peer", "_lost_handled",
+    )
+
+    def __init__(self, pool: "ConnectionPool") -> None:
+        self.pool = pool
+        self.transport: asyncio.Transport | None = None
+        self.reader = ResponseReader()
+        self.exchange: "Exchange | None" = None
+        self.requests = 0  # exchanges carried so far; > 0 means the connection is reused
+        self.idle_since = 0.0
+        self.closed = False
+        self.tunnel_peer: asyncio.Transport | None = None
+
+    # asyncio.Protocol --------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self.pool.metrics.connection_opened("upstream", False)
+
+    def data_received(self, data: bytes) -> None:
+        peer = self.tunnel_peer
+        if peer is not None:
+            peer.write(data)
+            return
+        exchange = self.exchange
+        if exchange is None:
+            # Bytes on an idle connection: the server broke the protocol (or closed with a
+            # late 408). The connection cannot be trusted for another request.
+            self.close()
+            return
+        try:
+            events = self.reader.feed(data)
+        except ProxyError as exc:
+            self.exchange = None
+            self.close()
+            exchange.upstream_failed(exc)
+            return
+        for event in events:
+            if event.__class__ is bytes:
+                exchange.response_body(event)
+            elif event is END_OF_MESSAGE:
+                exchange.response_end()
+            elif event.__class__ is ResponseHead:
+                exchange.response_head(event)
+            elif event.__class__ is Upgrade:
+                exchange.response_upgrade(event.rest)
+            if self.exchange is not exchange:
+                return  # the exchange ended (or failed) on this event
+        exchange.flush()
+
+    def eof_received(self) -> bool:
+        if self.tunnel_peer is not None:
+            if self.tunnel_peer.can_write_eof():
+                self.tunnel_peer.write_eof()
+            return True  # half-close: the other direction may still carry data
+        exchange = self.exchange
+        if exchange is not None:
+            try:
+                events = self.reader.feed_eof()
+            except ProxyError as exc:
+                self.exchange = None
+                exchange.upstream_failed(exc, reset=True)
+                return False
+            for event in events:
+                exchange.response_end()
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.pool.metrics.connection_closed("upstream", False)
+        self.pool.forget(self)
+        peer, self.tunnel_peer = self.tunnel_peer, None
+        if peer is not None:
+            peer.close()
+        exchange, self.exchange = self.exchange, None
+        if exchange is not None:
+            exchange.upstream_lost()
+
+    def pause_writing(self) -> None:
+        # The upstream reads slower than the client sends: stop reading the client.
+        if self.exchange is not None:
+            self.exchange.upstream_write_paused()
+        elif self.tunnel_peer is not None:
+            self.tunnel_peer.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.exchange is not None:
+            self.exchange.upstream_write_resumed()
+        elif self.tunnel_peer is not None:
+            self.tunnel_peer.resume_reading()
+
+    # used by the exchange ----------------------------------------------------------------
+
+    def close(self) -> None:
+        """Close the connection; it never goes back to the pool."""
+        self.closed = True
+        if self.transport is not None:
+            self.transport.close()
+
+    def abort(self) -> None:
+        """Drop the connection at once, discarding anything not yet sent."""
+        self.closed = True
+        if self.transport is not None:
+            self.transport.abort()
+
+
+class ConnectionPool:
+    """Idle keep-alive connections to one endpoint (host, port), newest first."""
+
+    __slots__ = (
+        "loop", "host", "port", "idle_timeout", "connect_timeout", "metrics", "idle",
+        "_sweep", "open_count",
+    )
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, host: str, port: int, *,
+                 idle_timeout: float, connect_timeout: float, metrics) -> None:
+        self.loop = loop
+        self.host = host
+        self.port = port
+        self.idle_timeout = idle_timeout
+        self.connect_timeout = connect_timeout
+        self.metrics = metrics
+        self.idle: list[UpstreamConnection] = []
+        self._sweep: asyncio.TimerHandle | None = None
+        self.open_count = 0
+
+    def take_idle(self) -> UpstreamConnection | None:
+        """Return the newest idle connection still within its idle timeout, or None."""
+        idle = self.idle
+        while idle:
+            conn = idle.pop()
+            if conn.closed or conn.transport is None or conn.transport.is_closing():
+                continue
+            if self.loop.time() - conn.idle_since >= self.idle_timeout:
+                conn.close()
+                continue
+            conn.transport.resume_reading()
+            return conn
+        return None
+
+    async def connect(self) -> UpstreamConnection:
+        """Open a new connection. Raises ConnectFailure (refused, unreachable, or timed out)."""
+        try:
+            async with asyncio.timeout(self.connect_timeout):
+                _, conn = await self.loop.create_connection(
+                    lambda: UpstreamConnection(self), self.host, self.port
+                )
+        except TimeoutError:
+            raise ConnectFailure(f"connect to {self.host}:{self.port} timed out") from None
+        except OSError as exc:
+            raise ConnectFailure(f"connect to {self.host}:{self.port}: {exc.strerror or exc}") from None
+        sock = conn.transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.open_count += 1
+        return conn
+
+    def release(self, conn: UpstreamConnection) -> None:
+        """Put a connection whose exchange ended cleanly back for reuse."""
+        if conn.closed or conn.transport is None or conn.transport.is_closing():
+            return
+        conn.exchange = None
+        conn.idle_since = self.loop.time()
+        # Reading stays on while idle so that a server's close is noticed at once
+        # (connection_lost removes it), but a paused transport from back-pressure is resumed.
+        self.idle.append(conn)
+        if self._sweep is None:
+            self._sweep = self.loop.call_later(self.idle_timeout, self._sweep_idle)
+
+    def forget(self, conn: UpstreamConnection) -> None:
+        """A connection closed: drop it from the idle list if it is there."""
+        self.open_count -= 1
+        try:
+            self.idle.remove(conn)
+        except ValueError:
+            pass
+
+    def _sweep_idle(self) -> None:
+        self._sweep = None
+        now = self.loop.time()
+        keep = []
+        for conn in self.idle:
+            if now - conn.idle_since >= self.idle_timeout:
+                conn.close()
+            else:
+                keep.append(conn)
+        self.idle[:] = keep
+        if keep:
+            next_expiry = min(c.idle_since for c in keep) + self.idle_timeout - now
+            self._sweep = self.loop.call_later(max(next_expiry, 0.01), self._sweep_idle)
+
+    def close_idle(self) -> None:
+        """Close every idle connection (drain, or the endpoint went away)."""
+        idle, self.idle = self.idle, []
+        for conn in idle:
+            conn.close()
+        if self._sweep is not None:
+            self._sweep.cancel()
+            self._sweep = None
+
+

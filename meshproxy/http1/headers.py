@@ -1,0 +1,48 @@
+"""Header rules a proxy must apply: hop-by-hop fields (RFC 9110 §7.6.1) and framing fields.
+
+Names are compared lower-cased. Framing fields (Content-Length, Transfer-Encoding) are taken
+out of the forwarded headers because the proxy writes its own framing for the next hop: bodies
+are streamed and may be re-framed (a close-delimited response becomes chunked, for example).
+"""
+
+from __future__ import annotations
+
+# RFC 9110 §7.6.1 names these; Proxy-Connection is the old non-standard spelling clients still
+# send; Trailer announces trailer fields, which this proxy does not forward.
+HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"te",
+        b"transfer-encoding",
+        b"upgrade",
+        b"trailer",
+    }
+)
+
+# Fields the readers look at while collecting headers (framing, routing, correlation).
+FRAMING_AND_HOP = HOP_BY_HOP | {b"content-length", b"host", b"x-request-id", b"expect"}
+
+
+def connection_tokens(values: list[bytes]) -> tuple[bytes, ...]:
+    """Return the lower-cased, stripped tokens of one or more Connection header values."""
+    tokens: list[bytes] = []
+    for value in values:
+        for token in value.split(b","):
+            token = token.strip().lower()
+            if token:
+                tokens.append(token)
+    return tuple(tokens)
+
+
+def drop_connection_named(headers: list, tokens: tuple[bytes, ...]) -> list:
+    """Return `headers` without the fields that the Connection header names (RFC 9110 §7.6.1).
+
+    Only called when Connection named something other than the usual keep-alive/close/upgrade,
+    so the common path never copies the list.
+    """
+    named = set(tokens) - {b"close", b"keep-alive", b"upgrade"}
+    if not named:
+        return headers
+    return [(k, v) for k, v in headers if k.lower() not in named]

@@ -1,0 +1,312 @@
+"""Sans-I/O HTTP/1.1 readers: bytes in, events out (httptools/llhttp underneath).
+
+llhttp already refuses the classic smuggling vectors (Content-Length with Transfer-Encoding,
+duplicate Content-Length, bad chunk sizes, obs-fold, bare CR or LF, NUL in values, a request
+Transfer-Encoding that does not end in chunked). On top of it these readers enforce what a proxy
+needs and llhttp leaves open: a 64 KiB head limit (431), Host rules (RFC 9112 §3.2),
+Transfer-Encoding on HTTP/1.0 (RFC 9112 §6.1), transfer codings other than plain `chunked`,
+and responses without a body by request method (HEAD) and status (1xx, 204, 304).
+"""
+
+from __future__ import annotations
+
+import httptools
+
+from meshproxy.http1.errors import BadRequest, HeadersTooLarge, UpstreamProtocolError
+from meshproxy.http1.events import END_OF_MESSAGE, RequestHead, ResponseHead, Upgrade
+from meshproxy.http1.headers import FRAMING_AND_HOP, connection_tokens, drop_connection_named
+
+MAX_HEADER_BYTES = 64 * 1024
+
+
+class _HeadCollector:
+    """Shared header bookkeeping for both directions (called from llhttp callbacks)."""
+
+    __slots__ = (
+        "_headers", "_special", "_head_bytes", "_max_head", "_in_body", "_events", "_error",
+        "_parser",
+    )
+
+    def _reset_head(self) -> None:
+        self._headers: list = []
+        self._special: list = []
+        self._head_bytes = 0
+        self._in_body = False
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if self._in_body:
+            # Trailer fields (after a chunked body). They are not forwarded: the proxy drops
+            # the Trailer header too, so the next hop is never promised any.
+            return
+        self._head_bytes += len(name) + len(value) + 4
+        if self._head_bytes > self._max_head:
+            self._error = self._too_large()
+            raise self._error
+        lname = name.lower()
+        if lname in FRAMING_AND_HOP:
+            self._special.append((lname, value))
+            if lname in (b"host", b"x-request-id", b"expect"):
+                self._headers.append((name, value))
+        else:
+            self._headers.append((name, value))
+
+    def on_body(self, body: bytes) -> None:
+        self._events.append(body)
+
+    def _too_large(self) -> Exception:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+
+class RequestReader(_HeadCollector):
+    """Parses requests from a client connection.
+
+    `feed(data)` returns a list of events: RequestHead, body `bytes`, END_OF_MESSAGE and, for
+    an accepted Upgrade or CONNECT, Upgrade(rest) — after which the reader must not be fed.
+    Raises BadRequest or HeadersTooLarge; the connection is then unusable (close it).
+    """
+
+    __slots__ = ("_url_parts", "_head")
+
+    def __init__(self, max_header_bytes: int = MAX_HEADER_BYTES) -> None:
+        self._max_head = max_header_bytes
+        self._events: list = []
+        self._error: Exception | None = None
+        self._head: RequestHead | None = None
+        self._url_parts: list = []
+        self._reset_head()
+        self._parser = httptools.HttpRequestParser(self)
+
+    def _too_large(self) -> Exception:
+        return HeadersTooLarge(f"request head over {self._max_head} bytes")
+
+    @property
+    def in_message(self) -> bool:
+        """True between the first byte of a request and its end (for timeouts and EOF)."""
+        return bool(self._url_parts) or self._head is not None
+
+    def feed(self, data: bytes) -> list:
+        """Parse `data`; return the events it completes. Raises BadRequest, HeadersTooLarge."""
+        events = self._events = []
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade as exc:
+            events.append(Upgrade(data[exc.args[0]:]))
+        except httptools.HttpParserError as exc:
+            error, self._error = self._error, None
+            if error is not None:
+                raise error from None
+            raise BadRequest(str(exc)) from None
+        return events
+
+    # llhttp callbacks -------------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        self._reset_head()
+        self._url_parts = []
+
+    def on_url(self, url: bytes) -> None:
+        self._url_parts.append(url)
+        self._head_bytes += len(url)
+        if self._head_bytes > self._max_head:
+            self._error = self._too_large()
+            raise self._error
+
+    def on_headers_complete(self) -> None:
+        parser = self._parser
+        version = parser.get_http_version()
+        target = b"".join(self._url_parts)
+        head = RequestHead(parser.get_method(), target, version, self._headers)
+        try:
+            _apply_request_rules(head, self._special, parser.should_keep_alive())
+        except BadRequest as exc:
+            self._error = exc
+            raise
+        self._in_body = True
+        self._head = head
+        self._events.append(head)
+
+    def on_message_complete(self) -> None:
+        self._events.append(END_OF_MESSAGE)
+        self._head = None
+        self._url_parts = []
+
+
+def _apply_request_rules(head: RequestHead, special: list, keep_alive: bool) -> None:
+    """Fill the head's framing and connection fields from the special headers; raise BadRequest."""
+    hosts = 0
+    te_values: list[bytes] = []
+    conn_values: list[bytes] = []
+    for name, value in special:
+        if name == b"host":
+            hosts += 1
+            head.host = value
+        elif name == b"content-length":
+            head.content_length = int(value)  # llhttp checked it is digits and not repeated
+        elif name == b"transfer-encoding":
+            te_values.append(value)
+        elif name == b"connection":
+            conn_values.append(value)
+        elif name == b"upgrade":
+            head.upgrade = value
+        elif name == b"x-request-id":
+            head.request_id = value
+        elif name == b"expect":
+            head.expect_continue = value.strip().lower() == b"100-continue"
+    if head.version == "1.1" and hosts != 1:
+        # RFC 9112 §3.2: exactly one Host in HTTP/1.1; two could route differently per hop.
+        raise BadRequest("HTTP/1.1 request needs exactly one Host header")
+    if hosts > 1:
+        raise BadRequest("more than one Host header")
+    if te_values:
+        if head.version != "1.1":
+            # RFC 9112 §6.1: Transfer-Encoding in HTTP/1.0 means the framing is faulty.
+            raise BadRequest("Transfer-Encoding in an HTTP/1.0 request")
+        codings = b",".join(te_values).replace(b" ", b"").replace(b"\t", b"").lower()
+        if codings != b"chunked":
+            # Anything but plain chunked would have to be decoded or passed on with a meaning
+            # the next hop may read differently.
+            raise BadRequest("unsupported Transfer-Encoding")
+        head.chunked = True
+    head.keep_alive = keep_alive
+    if conn_values:
+        head.connection_tokens = tokens = connection_tokens(conn_values)
+        head.headers = drop_connection_named(head.headers, tokens)
+    if head.upgrade is not None and b"upgrade" not in head.connection_tokens:
+        head.upgrade = None  # RFC 9110 §7.8: Upgrade only counts when Connection names it
+    if head.method == b"CONNECT":
+        raise BadRequest("CONNECT is not supported")
+
+
+class ResponseReader(_HeadCollector):
+    """Parses responses from an upstream connection, one exchange at a time.
+
+    Call `expect(head_request)` before each request is sent, so a response to HEAD is known to
+    have no body. `feed(data)` returns ResponseHead (interim 1xx ones too), body bytes,
+    END_OF_MESSAGE and, after 101, Upgrade(rest). `feed_eof()` returns the events an EOF
+    completes (the end of a close-delimited body). Raises UpstreamProtocolError.
+    """
+
+    __slots__ = ("_no_body", "_renew", "_head", "_reason")
+
+    def __init__(self, max_header_bytes: int = MAX_HEADER_BYTES) -> None:
+        self._max_head = max_header_bytes
+        self._events: list = []
+        self._error: Exception | None = None
+        self._no_body = False
+        self._renew = False
+        self._head: ResponseHead | None = None
+        self._reason = b""
+        self._reset_head()
+        self._parser = httptools.HttpResponseParser(self)
+
+    def _too_large(self) -> Exception:
+        return UpstreamProtocolError(f"response head over {self._max_head} bytes")
+
+    @property
+    def in_message(self) -> bool:
+        """True while a response has started and not ended."""
+        return self._head is not None or self._head_bytes > 0
+
+    def expect(self, head_request: bool) -> None:
+        """Prepare for the response to the next request; `head_request` for method HEAD."""
+        self._no_body = head_request
+
+    def feed(self, data: bytes) -> list:
+        """Parse `data`; return the events it completes. Raises UpstreamProtocolError."""
+        events = self._events = []
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade as exc:
+            events.append(Upgrade(data[exc.args[0]:]))
+        except httptools.HttpParserError as exc:
+            error, self._error = self._error, None
+            if error is not None:
+                raise error from None
+            raise UpstreamProtocolError(str(exc)) from None
+        if self._renew:
+            # A response to HEAD ended at its head; llhttp would have read a body by its
+            # Content-Length, so the next response gets a fresh parser.
+            self._renew = False
+            self._parser = httptools.HttpResponseParser(self)
+        return events
+
+    def feed_eof(self) -> list:
+        """The upstream closed. Return [END_OF_MESSAGE] if that ends a close-delimited body.
+
+        Raises UpstreamProtocolError when a response was cut short (mid-head, or before its
+        Content-Length or last chunk arrived).
+        """
+        head = self._head
+        if head is not None and head.close_delimited:
+            self._head = None
+            return [END_OF_MESSAGE]
+        if self.in_message:
+            raise UpstreamProtocolError("upstream closed mid-response")
+        return []
+
+    # llhttp callbacks -------------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        self._reset_head()
+        self._reason = b""
+
+    def on_status(self, reason: bytes) -> None:
+        self._reason += reason
+
+    def on_headers_complete(self) -> None:
+        parser = self._parser
+        status = parser.get_status_code()
+        head = ResponseHead(status, self._reason, parser.get_http_version(), self._headers)
+        te_values: list[bytes] = []
+        conn_values: list[bytes] = []
+        for name, value in self._special:
+            if name == b"content-length":
+                head.content_length = int(value)
+            elif name == b"transfer-encoding":
+                te_values.append(value)
+            elif name == b"connection":
+                conn_values.append(value)
+            elif name == b"upgrade":
+                head.upgrade = value
+            elif name == b"host" or name == b"x-request-id" or name == b"expect":
+                pass  # kept in headers as received
+        head.keep_alive = parser.should_keep_alive()
+        if conn_values:
+            tokens = connection_tokens(conn_values)
+            head.headers = drop_connection_named(head.headers, tokens)
+        bodiless = self._no_body or status < 200 or status in (204, 304)
+        if bodiless:
+            head.content_length = None
+        elif te_values:
+            last = b",".join(te_values).split(b",")[-1].strip().lower()
+            if last == b"chunked":
+                head.chunked = True
+            else:
+                # RFC 9112 §6.3 rule 4: a final coding other than chunked is read until close.
+                head.close_delimited = True
+                head.keep_alive = False
+        elif head.content_length is None:
+            head.close_delimited = True
+            head.keep_alive = False
+        self._in_body = True
+        self._head = head
+        self._events.append(head)
+        if self._no_body and status >= 200 and status != 101:
+            self._events.append(END_OF_MESSAGE)
+            self._head = None
+            self._head_bytes = 0
+            self._renew = True
+            self._no_body = False
+
+    def on_body(self, body: bytes) -> None:
+        if self._renew:
+            self._error = UpstreamProtocolError("body sent in a response to HEAD")
+            raise self._error
+        self._events.append(body)
+
+    def on_message_complete(self) -> None:
+        if self._renew:
+            return  # already ended at the head (HEAD request)
+        self._events.append(END_OF_MESSAGE)
+        self._head = None
+        self._head_bytes = 0
