@@ -56,7 +56,12 @@ def _add_proxy(sub: argparse._SubParsersAction) -> None:
                    help="local app host for inbound traffic")
     p.add_argument("--outbound-bind", default=_env_default("outbound_bind", "127.0.0.1"))
     p.add_argument("--inbound-bind", default=_env_default("inbound_bind", "0.0.0.0"))
-    p.add_argument("--drain-timeout", type=float, default=25.0, metavar="SECONDS")
+    p.add_argument("--drain-timeout", type=float, default=25.0, metavar="SECONDS",
+                   help="how long in-flight requests may take to finish on SIGTERM or /drain")
+    p.add_argument("--header-timeout", type=float, default=10.0, metavar="SECONDS",
+                   help="time a client has to send a request head (408 after)")
+    p.add_argument("--client-idle-timeout", type=float, default=75.0, metavar="SECONDS",
+                   help="idle keep-alive time for client connections")
     p.add_argument("--log-level", default=_env_default("log_level", "info"),
                    choices=["debug", "info", "warning", "error"])
     p.add_argument("--no-uvloop", action="store_true", help="use the standard asyncio loop")

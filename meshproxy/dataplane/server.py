@@ -217,7 +217,8 @@ def run_proxy(args) -> int:
         outbound_port=args.outbound_port, inbound_bind=args.inbound_bind,
         inbound_port=args.inbound_port, admin_port=args.admin_port,
         health_port=args.health_port, app_host=args.app_host, app_port=args.app_port,
-        drain_timeout=args.drain_timeout,
+        drain_timeout=args.drain_timeout, header_timeout=args.header_timeout,
+        client_idle_timeout=args.client_idle_timeout,
     )
     if not args.no_uvloop:
         import uvloop
