@@ -7,7 +7,7 @@ and the immutable Snapshot the proxies read.
 
 from meshproxy.config.diagnostics import ConfigError, Diagnostic, Pos
 from meshproxy.config.duration import parse_duration
-from meshproxy.config.loader import LoadResult, load, load_config, load_text
+from meshproxy.config.loader import LoadResult, load, load_config, load_objects, load_text
 from meshproxy.config.model import (
     AuthorizationPolicy,
     HTTPRoute,
@@ -39,6 +39,7 @@ __all__ = [
     "TrafficPolicy",
     "load",
     "load_config",
+    "load_objects",
     "load_text",
     "parse_duration",
 ]

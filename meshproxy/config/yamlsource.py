@@ -1,0 +1,149 @@
+"""YAML text to a tree of nodes that remember where they are (file, 1-based line and column).
+
+PyYAML's composer gives nodes with marks; this module turns them into three small node types
+so that the parsers can point every error at the key or value it is about. Scalars are built
+with YAML's safe rules, except mapping keys, which are always kept as the text written: in
+YAML 1.1 the key `on` (as in `retry.on`) would otherwise become the boolean true.
+No I/O here: the loader reads files and hands their text in.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Union
+
+import yaml
+from yaml.constructor import SafeConstructor
+from yaml.nodes import MappingNode, ScalarNode, SequenceNode
+
+from meshproxy.config.diagnostics import Diagnostics, Pos
+
+_PLAIN_TAGS = {
+    "tag:yaml.org,2002:null",
+    "tag:yaml.org,2002:bool",
+    "tag:yaml.org,2002:int",
+    "tag:yaml.org,2002:float",
+    "tag:yaml.org,2002:str",
+}
+
+
+@dataclass(frozen=True, eq=False)
+class YScalar:
+    """A scalar: None, bool, int, float or str, and where it was written."""
+
+    pos: Pos
+    value: Any
+
+
+@dataclass(frozen=True, eq=False)
+class YSeq:
+    """A sequence of nodes."""
+
+    pos: Pos
+    items: tuple["YNode", ...]
+
+
+@dataclass(frozen=True, eq=False)
+class YEntry:
+    """One `key: value` pair of a mapping; `key_pos` is where the key was written."""
+
+    key: str
+    key_pos: Pos
+    value: "YNode"
+
+
+@dataclass(frozen=True, eq=False)
+class YMap:
+    """A mapping with string keys, in the order written."""
+
+    pos: Pos
+    entries: dict[str, YEntry] = field(default_factory=dict)
+
+
+YNode = Union[YScalar, YSeq, YMap]
+
+
+def _pos(file: str, mark: yaml.Mark) -> Pos:
+    return Pos(file, mark.line + 1, mark.column + 1)
+
+
+class _Builder:
+    """Turns composed PyYAML nodes into Y* nodes, reporting duplicate and non-scalar keys."""
+
+    def __init__(self, file: str, diags: Diagnostics) -> None:
+        self.file = file
+        self.diags = diags
+        self.constructor = SafeConstructor()
+
+    def build(self, node: yaml.Node) -> YNode:
+        pos = _pos(self.file, node.start_mark)
+        if isinstance(node, MappingNode):
+            entries: dict[str, YEntry] = {}
+            for key_node, value_node in node.value:
+                key_pos = _pos(self.file, key_node.start_mark)
+                if not isinstance(key_node, ScalarNode):
+                    self.diags.error(key_pos, "a mapping key must be a plain string")
+                    continue
+                key = key_node.value
+                if key in entries:
+                    first = entries[key].key_pos
+                    self.diags.error(key_pos, f"duplicate key '{key}' (first at line {first.line})")
+                    continue
+                entries[key] = YEntry(key, key_pos, self.build(value_node))
+            return YMap(pos, entries)
+        if isinstance(node, SequenceNode):
+            return YSeq(pos, tuple(self.build(item) for item in node.value))
+        if node.tag in _PLAIN_TAGS:
+            return YScalar(pos, self.constructor.construct_object(node))
+        # Timestamps, binary and custom tags stay the text written; fields that want
+        # a string get it, the others report a wrong type.
+        return YScalar(pos, node.value)
+
+
+def _line_col(text: str, offset: int) -> tuple[int, int]:
+    before = text[:offset]
+    line = before.count("\n") + 1
+    return line, offset - (before.rfind("\n") + 1) + 1
+
+
+def parse_yaml(text: str, file: str, diags: Diagnostics) -> list[YNode]:
+    """Return the non-empty documents of `text` as located nodes.
+
+    A YAML syntax error is recorded in `diags` at its line and column; documents before it are
+    still returned, the rest of the file is not read. Nothing is raised.
+    """
+    builder = _Builder(file, diags)
+    docs: list[YNode] = []
+    try:
+        for node in yaml.compose_all(text, Loader=yaml.SafeLoader):
+            if node is None:
+                continue
+            doc = builder.build(node)
+            if isinstance(doc, YScalar) and doc.value is None:
+                continue  # an empty document, e.g. between two `---`
+            docs.append(doc)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        pos = _pos(file, mark) if mark is not None else Pos(file, 1, 1)
+        problem = exc.problem or exc.context or "malformed YAML"
+        if exc.context and exc.problem:
+            problem = f"{exc.problem} ({exc.context})"
+        diags.error(pos, f"invalid YAML: {problem}")
+    except yaml.reader.ReaderError as exc:
+        line, col = _line_col(text, exc.position)
+        code = exc.character if isinstance(exc.character, int) else ord(exc.character)
+        diags.error(Pos(file, line, col), f"invalid YAML: {exc.reason} (#x{code:04x})")
+    return docs
+
+
+def from_python(value: Any, file: str) -> YNode:
+    """Wrap plain data (dicts, lists, scalars; e.g. a Kubernetes API object) as nodes.
+
+    Every node gets the position `file:0:0`, so diagnostics name the object but no line.
+    """
+    pos = Pos(file)
+    if isinstance(value, dict):
+        return YMap(pos, {str(k): YEntry(str(k), pos, from_python(v, file)) for k, v in value.items()})
+    if isinstance(value, (list, tuple)):
+        return YSeq(pos, tuple(from_python(v, file) for v in value))
+    return YScalar(pos, value)
