@@ -186,7 +186,7 @@ class ResponseReader(_HeadCollector):
     completes (the end of a close-delimited body). Raises UpstreamProtocolError.
     """
 
-    __slots__ = ("_no_body", "_renew", "_head", "_reason")
+    __slots__ = ("_no_body", "_renew", "_head", "_reason", "_interim")
 
     def __init__(self, max_header_bytes: int = MAX_HEADER_BYTES) -> None:
         self._max_head = max_header_bytes
@@ -196,6 +196,7 @@ class ResponseReader(_HeadCollector):
         self._renew = False
         self._head: ResponseHead | None = None
         self._reason = b""
+        self._interim = False
         self._reset_head()
         self._parser = httptools.HttpResponseParser(self)
 
@@ -276,7 +277,11 @@ class ResponseReader(_HeadCollector):
             head.headers = drop_connection_named(head.headers, tokens)
         bodiless = self._no_body or status < 200 or status in (204, 304)
         if bodiless:
-            head.content_length = None
+            # Content-Length of a response to HEAD, or of a 304, is the size the full response
+            # would have had (RFC 9110 §8.6, §9.3.2, §15.4.5): it is forwarded, never read as
+            # framing. 1xx and 204 must not carry it at all.
+            if status < 200 or status == 204:
+                head.content_length = None
         elif te_values:
             last = b",".join(te_values).split(b",")[-1].strip().lower()
             if last == b"chunked":
@@ -291,6 +296,9 @@ class ResponseReader(_HeadCollector):
         self._in_body = True
         self._head = head
         self._events.append(head)
+        # llhttp completes a 1xx as a message of its own; it is not the end of the exchange:
+        # the final response is still to come (RFC 9110 §15.2), or after 101 the Upgrade event.
+        self._interim = status < 200
         if self._no_body and status >= 200 and status != 101:
             self._events.append(END_OF_MESSAGE)
             self._head = None
@@ -307,6 +315,11 @@ class ResponseReader(_HeadCollector):
     def on_message_complete(self) -> None:
         if self._renew:
             return  # already ended at the head (HEAD request)
+        if self._interim:
+            self._interim = False
+            self._head = None
+            self._head_bytes = 0
+            return
         self._events.append(END_OF_MESSAGE)
         self._head = None
         self._head_bytes = 0
