@@ -1,7 +1,7 @@
 """The proxy's admin server (port 15000) and health server (port 15021), spec §2.
 
-Both are small aiohttp applications over an ``AdminState`` that the proxy
-implements. The admin server, bound to loopback, also shows the configuration
+Both are served by ``meshproxy.localhttp`` (not aiohttp, which would double the
+sidecar's memory) over an ``AdminState`` that the proxy implements. The admin server, bound to loopback, also shows the configuration
 and balancer state and accepts ``POST /drain``; the health server, reachable
 from the kubelet and Prometheus, is read-only and answers ``/live``,
 ``/ready`` and ``/metrics`` exactly as the admin server does.
@@ -16,18 +16,14 @@ import asyncio
 import json
 import logging
 from functools import partial
-from typing import Protocol
+from typing import Callable, Protocol
 
-from aiohttp import web
-
+from meshproxy.localhttp import LocalHTTPServer, Reply
 from meshproxy.observability.metrics import ProxyMetrics
 
 _log = logging.getLogger(__name__)
 
 _JSON_DUMPS = partial(json.dumps, indent=2, sort_keys=True)
-
-#: How long closing waits for requests still being answered (seconds).
-_SHUTDOWN_TIMEOUT = 2.0
 
 
 class AdminState(Protocol):
@@ -57,46 +53,46 @@ class AdminState(Protocol):
 
 
 class _Handlers:
-    """Request handlers over one ``AdminState``; also owns the drain task."""
+    """Answers over one ``AdminState``; also owns the drain task."""
 
     def __init__(self, state: AdminState) -> None:
         self._state = state
         self._drain_task: asyncio.Task[None] | None = None
 
-    async def live(self, request: web.Request) -> web.Response:
+    def live(self) -> Reply:
         """200 ``live`` while the proxy is live, else 503."""
         if self._state.is_live():
-            return web.Response(text="live\n")
-        return web.Response(status=503, text="not live\n")
+            return Reply(200, b"live\n")
+        return Reply(503, b"not live\n")
 
-    async def ready(self, request: web.Request) -> web.Response:
+    def ready(self) -> Reply:
         """200 ``ready`` once the proxy can serve, else 503 ``not ready``."""
         if self._state.is_ready():
-            return web.Response(text="ready\n")
-        return web.Response(status=503, text="not ready\n")
+            return Reply(200, b"ready\n")
+        return Reply(503, b"not ready\n")
 
-    async def metrics(self, request: web.Request) -> web.Response:
+    def metrics(self) -> Reply:
         """The Prometheus text exposition of the proxy's metrics."""
         body, content_type = self._state.metrics.render()
-        return web.Response(body=body, headers={"Content-Type": content_type})
+        return Reply(200, body, content_type)
 
-    async def config(self, request: web.Request) -> web.Response:
+    def config(self) -> Reply:
         """The configuration in force, as JSON."""
-        return web.json_response(self._state.config_json(), dumps=_JSON_DUMPS)
+        return _json(self._state.config_json())
 
-    async def endpoints(self, request: web.Request) -> web.Response:
+    def endpoints(self) -> Reply:
         """The balancer state per service, as JSON."""
-        return web.json_response(self._state.endpoints_json(), dumps=_JSON_DUMPS)
+        return _json(self._state.endpoints_json())
 
-    async def drain(self, request: web.Request) -> web.Response:
+    def drain(self) -> Reply:
         """Start a drain in the background and answer 202 at once.
 
         A drain already under way is not started again: the answer is the same
         202, so a Job's retried ``POST /drain`` is harmless.
         """
         if self._drain_task is None or self._drain_task.done():
-            self._drain_task = asyncio.create_task(self._run_drain())
-        return web.Response(status=202, text="draining\n")
+            self._drain_task = asyncio.ensure_future(self._run_drain())
+        return Reply(202, b"draining\n")
 
     async def _run_drain(self) -> None:
         """Run the proxy's drain; nobody awaits this task, so report failures here."""
@@ -106,73 +102,68 @@ class _Handlers:
             _log.exception("drain failed")
 
 
-def _add_probe_routes(app: web.Application, handlers: _Handlers) -> None:
-    """Add the read-only routes both servers share. ``add_get`` also answers
-    HEAD; any other method on these paths gets 405 from aiohttp's router."""
-    app.router.add_get("/live", handlers.live)
-    app.router.add_get("/ready", handlers.ready)
-    app.router.add_get("/metrics", handlers.metrics)
+def _json(data: dict) -> Reply:
+    return Reply(200, (_JSON_DUMPS(data) + "\n").encode(), "application/json; charset=utf-8")
 
 
-def build_admin_app(state: AdminState) -> web.Application:
-    """Return the admin application: probes, ``/metrics``, ``/config``,
-    ``/endpoints`` and ``POST /drain``."""
-    handlers = _Handlers(state)
-    app = web.Application()
-    _add_probe_routes(app, handlers)
-    app.router.add_get("/config", handlers.config)
-    app.router.add_get("/endpoints", handlers.endpoints)
-    app.router.add_post("/drain", handlers.drain)
-    return app
+class _Routes:
+    """Path -> {method: answer}; HEAD is answered like GET, other methods get 405."""
+
+    def __init__(self, table: dict[bytes, dict[bytes, Callable[[], Reply]]]) -> None:
+        self.table = table
+
+    def __call__(self, method: bytes, path: bytes) -> Reply:
+        methods = self.table.get(path)
+        if methods is None:
+            return Reply(404, b"not found\n")
+        answer = methods.get(b"GET" if method == b"HEAD" and b"GET" in methods else method)
+        if answer is None:
+            allow = ", ".join(m.decode() for m in methods)
+            return Reply(405, b"method not allowed\n", headers=[("allow", allow)])
+        return answer()
 
 
-def build_health_app(state: AdminState) -> web.Application:
-    """Return the health application: ``/live``, ``/ready`` and ``/metrics`` only.
+def admin_routes(state: AdminState) -> _Routes:
+    """The admin port's routes: probes, ``/metrics``, ``/config``, ``/endpoints``, ``POST /drain``."""
+    h = _Handlers(state)
+    return _Routes({
+        b"/live": {b"GET": h.live}, b"/ready": {b"GET": h.ready},
+        b"/metrics": {b"GET": h.metrics}, b"/config": {b"GET": h.config},
+        b"/endpoints": {b"GET": h.endpoints}, b"/drain": {b"POST": h.drain},
+    })
+
+
+def health_routes(state: AdminState) -> _Routes:
+    """The health port's routes: ``/live``, ``/ready`` and ``/metrics`` only.
 
     Rewritten application probes (``/app-health/CONTAINER/livez|readyz|startupz``)
     belong here as further routes; nothing that changes state does.
     """
-    handlers = _Handlers(state)
-    app = web.Application()
-    _add_probe_routes(app, handlers)
-    return app
+    h = _Handlers(state)
+    return _Routes({b"/live": {b"GET": h.live}, b"/ready": {b"GET": h.ready},
+                    b"/metrics": {b"GET": h.metrics}})
 
 
 class AdminServers:
     """The running admin and health servers and the ports they are bound to."""
 
-    def __init__(self, admin: web.AppRunner, health: web.AppRunner) -> None:
+    def __init__(self, admin: LocalHTTPServer, admin_port: int, health: LocalHTTPServer,
+                 health_port: int) -> None:
         self._admin = admin
         self._health = health
-        self.admin_port: int = _bound_port(admin)
-        self.health_port: int = _bound_port(health)
+        self.admin_port = admin_port
+        self.health_port = health_port
 
     async def close(self) -> None:
-        """Stop both servers, giving requests being answered a moment to finish."""
+        """Stop both servers."""
         try:
-            await self._health.cleanup()
+            await self._health.close()
         finally:
-            await self._admin.cleanup()
+            await self._admin.close()
 
 
-def _bound_port(runner: web.AppRunner) -> int:
-    """Return the port the runner's first socket is bound to (useful after port 0)."""
-    return int(runner.addresses[0][1])
-
-
-async def _start(app: web.Application, host: str, port: int) -> web.AppRunner:
-    """Start serving ``app`` on ``host:port`` and return its runner.
-
-    Raises OSError when the address cannot be bound; nothing is left running then.
-    """
-    runner = web.AppRunner(app, access_log=None, shutdown_timeout=_SHUTDOWN_TIMEOUT)
-    await runner.setup()
-    try:
-        await web.TCPSite(runner, host, port).start()
-    except BaseException:
-        await runner.cleanup()
-        raise
-    return runner
+def _log_exception() -> None:
+    _log.exception("admin handler failed")
 
 
 async def start_servers(
@@ -184,10 +175,12 @@ async def start_servers(
     ``health_port`` on the result. Raises OSError when either address cannot be
     bound, after stopping whatever had started.
     """
-    admin = await _start(build_admin_app(state), admin_host, admin_port)
+    admin = LocalHTTPServer(admin_routes(state), _log_exception)
+    admin_port = await admin.start(admin_host, admin_port)
+    health = LocalHTTPServer(health_routes(state), _log_exception)
     try:
-        health = await _start(build_health_app(state), health_host, health_port)
+        health_port = await health.start(health_host, health_port)
     except BaseException:
-        await admin.cleanup()
+        await admin.close()
         raise
-    return AdminServers(admin, health)
+    return AdminServers(admin, admin_port, health, health_port)
