@@ -82,13 +82,30 @@ class DownstreamConnection(asyncio.Protocol):
             return
         if self._closing:
             return
+        reader = self.reader
+        if reader is None:
+            # After an Upgrade request, bytes for the new protocol wait in its exchange until
+            # the upstream answers. Once the upstream has refused the upgrade, or after a
+            # framing error, they are dropped: they must never reach the upstream as HTTP
+            # (a request smuggled past the proxy); the connection closes after the response.
+            parsing = self.parsing
+            if parsing is not None and parsing.upgrading:
+                parsing.request_body(data)
+            return
         if self._state == _IDLE:
             self._arm(_HEAD, self.listener.header_timeout)
         try:
-            events = self.reader.feed(data)
+            events = reader.feed(data)
         except ProxyError as exc:
-            self._protocol_error(exc)
+            # Requests that were complete before the bad one are answered first.
+            if exc.completed:
+                self._handle(exc.completed)
+            if not self._closing:
+                self._protocol_error(exc)
             return
+        self._handle(events)
+
+    def _handle(self, events: list) -> None:
         for event in events:
             if event.__class__ is bytes:
                 self.parsing.request_body(event)
@@ -124,9 +141,15 @@ class DownstreamConnection(asyncio.Protocol):
 
     def eof_received(self) -> bool:
         self._eof = True
-        if self._tunnel is not None:
-            if self._tunnel.transport.can_write_eof():
-                self._tunnel.transport.write_eof()
+        tunnel = self._tunnel
+        if tunnel is not None:
+            tunnel.peer_eof = True
+            if tunnel.eof:
+                # Both directions have ended: close (connection_lost closes the upstream too);
+                # keeping the half-closed pair open would leak both sockets.
+                return False
+            if tunnel.transport.can_write_eof():
+                tunnel.transport.write_eof()
             return True
         if self.current is not None and self.parsing is None and not self.queue:
             # The client half-closed after a complete request: answer it, then close.
@@ -246,10 +269,11 @@ class DownstreamConnection(asyncio.Protocol):
 
     def _protocol_error(self, error: ProxyError) -> None:
         # The stream position is unknown after a framing error: answer (if nothing else is
-        # being answered on this connection) and close.
-        self._closing = True
+        # being answered on this connection) and close. With no reader, later bytes are
+        # dropped (data_received).
         self.reader = None
         if self.current is None:
+            self._closing = True
             self.metrics.request_finished(
                 self.direction, "unknown", "default", error.status, 0.0, 0, 0
             )
@@ -258,21 +282,34 @@ class DownstreamConnection(asyncio.Protocol):
         elif self.parsing is self.current:
             # The request being forwarded has a broken body: stop it upstream and answer 400
             # (or cut the connection if its response has already started).
+            self._closing = True
             self.current.fail(error)
         else:
-            # Respond to the in-flight request first; the bad one is never forwarded.
-            for exchange in self.queue:
-                exchange.downstream_lost()
-            self.queue.clear()
-            self.current.client_keep_alive = False
+            # Answer the complete requests before the bad one, then close; the bad one is
+            # never forwarded (nor is a queued one whose body turned out bad). Not _closing
+            # yet: that would make the earlier responses say `connection: close` and end the
+            # connection after the first of them.
+            bad = self.parsing
+            self.parsing = None
+            if bad is not None and bad in self.queue:
+                self.queue.remove(bad)
+                bad.downstream_lost()
+            last = self.queue[-1] if self.queue else self.current
+            last.client_keep_alive = False
 
     def _arm(self, state: int, timeout: float) -> None:
         # One lazily re-armed timer per connection: moving a deadline is a float assignment,
         # which matters on a keep-alive connection that serves thousands of requests.
         self._state = state
-        self._deadline = self.loop.time() + timeout
-        if self._timer is None:
-            self._timer = self.loop.call_at(self._deadline, self._on_timer)
+        deadline = self._deadline = self.loop.time() + timeout
+        timer = self._timer
+        if timer is None:
+            self._timer = self.loop.call_at(deadline, self._on_timer)
+        elif deadline < timer.when():
+            # The deadline moved earlier (idle 75 s, then a head has 10 s): the timer set for
+            # the later one would fire too late.
+            timer.cancel()
+            self._timer = self.loop.call_at(deadline, self._on_timer)
 
     def _on_timer(self) -> None:
         self._timer = None

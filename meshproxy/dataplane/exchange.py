@@ -54,7 +54,7 @@ class Exchange:
         "down", "head", "service", "endpoint", "upstream", "target", "started_at", "t0",
         "request_complete", "pending", "pending_bytes", "response", "response_chunked",
         "client_keep_alive", "finished", "request_bytes", "response_bytes", "connect_task",
-        "upgrading", "reused_retry_done", "status", "out",
+        "upgrading", "reused_retry_done", "status", "out", "tunnel_pending",
     )
 
     def __init__(self, down: "DownstreamConnection", head: RequestHead) -> None:
@@ -69,6 +69,9 @@ class Exchange:
         self.request_complete = False
         self.pending: list = []
         self.pending_bytes = 0
+        # Bytes after a complete Upgrade request: the new protocol's, held until the upstream
+        # agrees (101); never sent as HTTP, dropped if the upstream refuses.
+        self.tunnel_pending: list = []
         self.response: ResponseHead | None = None
         self.response_chunked = False
         self.client_keep_alive = head.keep_alive
@@ -123,6 +126,10 @@ class Exchange:
         self.upstream = conn
         conn.exchange = self
         conn.requests += 1
+        if self.down._writing_paused:
+            # The client is still behind on an earlier response: pause_writing() will not be
+            # called again for it, so this connection starts paused (resume_writing() resumes).
+            conn.transport.pause_reading()
         head = self.head
         conn.reader.expect(head.method == b"HEAD")
         extra = None
@@ -132,24 +139,33 @@ class Exchange:
         parts = [request_head_bytes(head, self.target, extra, upgrade=self.upgrading)]
         if self.pending:
             pending, self.pending = self.pending, []
-            self.pending_bytes = 0
-            if head.chunked and not self.upgrading:
+            # What is left counted is held tunnel bytes (tunnel_pending), if any.
+            self.pending_bytes -= sum(map(len, pending))
+            if head.chunked:
                 for data in pending:
                     parts += chunk(data)
             else:
                 parts += pending
-            self.down.resume_reading(self.down.PAUSE_BUFFER)
-        if self.request_complete and head.chunked and not self.upgrading:
+            if self.pending_bytes <= PENDING_BODY_LIMIT:
+                self.down.resume_reading(self.down.PAUSE_BUFFER)
+        if self.request_complete and head.chunked:
             parts.append(LAST_CHUNK)
         conn.transport.writelines(parts)
 
     # -- request side (from the downstream connection) ----------------------------------------
 
     def request_body(self, data: bytes) -> None:
-        """A piece of the request body (or, while upgrading, tunnel bytes) arrived."""
+        """A piece of the request body (or, after an Upgrade request, tunnel bytes) arrived."""
         self.request_bytes += len(data)
+        if self.upgrading and self.request_complete:
+            if not self.finished:
+                self.tunnel_pending.append(data)
+                self.pending_bytes += len(data)
+                if self.pending_bytes > PENDING_BODY_LIMIT:
+                    self.down.pause_reading(self.down.PAUSE_BUFFER)
+            return
         conn = self.upstream
-        if conn is not None and not self.upgrading:
+        if conn is not None:
             if self.head.chunked:
                 conn.transport.writelines(chunk(data))
             else:
@@ -166,7 +182,7 @@ class Exchange:
         """The client finished sending the request."""
         self.request_complete = True
         conn = self.upstream
-        if conn is not None and self.head.chunked and not self.upgrading:
+        if conn is not None and self.head.chunked:
             conn.transport.write(LAST_CHUNK)
 
     def upstream_write_paused(self) -> None:
@@ -251,7 +267,7 @@ class Exchange:
         if rest:
             self.out.append(rest)
         self.flush()
-        pending, self.pending = self.pending, []
+        pending, self.tunnel_pending = self.tunnel_pending, []
         conn.exchange = None
         self.upstream = None
         self._record()

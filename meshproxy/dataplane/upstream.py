@@ -29,7 +29,7 @@ class UpstreamConnection(asyncio.Protocol):
 
     __slots__ = (
         "pool", "transport", "reader", "exchange", "requests", "idle_since", "closed",
-        "tunnel_peer", "_lost_handled",
+        "tunnel_peer", "_lost_handled", "eof", "peer_eof",
     )
 
     def __init__(self, pool: "ConnectionPool") -> None:
@@ -41,6 +41,8 @@ class UpstreamConnection(asyncio.Protocol):
         self.idle_since = 0.0
         self.closed = False
         self.tunnel_peer: asyncio.Transport | None = None
+        self.eof = False  # tunnel: the upstream has finished sending
+        self.peer_eof = False  # tunnel: the client has finished sending
 
     # asyncio.Protocol --------------------------------------------------------------------
 
@@ -81,6 +83,11 @@ class UpstreamConnection(asyncio.Protocol):
 
     def eof_received(self) -> bool:
         if self.tunnel_peer is not None:
+            self.eof = True
+            if self.peer_eof:
+                # Both directions have ended: close (connection_lost closes the client too);
+                # keeping the half-closed pair open would leak both sockets.
+                return False
             if self.tunnel_peer.can_write_eof():
                 self.tunnel_peer.write_eof()
             return True  # half-close: the other direction may still carry data
@@ -194,6 +201,7 @@ class ConnectionPool:
         conn.idle_since = self.loop.time()
         # Reading stays on while idle so that a server's close is noticed at once
         # (connection_lost removes it), but a paused transport from back-pressure is resumed.
+        conn.transport.resume_reading()
         self.idle.append(conn)
         if self._sweep is None:
             self._sweep = self.loop.call_later(self.idle_timeout, self._sweep_idle)

@@ -15,6 +15,9 @@ class ProxyError(Exception):
     status = 502
     reason = "upstream-protocol-error"
     overloaded = False
+    # Set by RequestReader.feed on a framing error: the events of the requests that were
+    # complete before the bad one, which are still answered.
+    completed: list | tuple = ()
 
     def __init__(self, detail: str = "") -> None:
         super().__init__(detail or self.reason)

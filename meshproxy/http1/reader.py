@@ -62,7 +62,8 @@ class RequestReader(_HeadCollector):
 
     `feed(data)` returns a list of events: RequestHead, body `bytes`, END_OF_MESSAGE and, for
     an accepted Upgrade or CONNECT, Upgrade(rest) — after which the reader must not be fed.
-    Raises BadRequest or HeadersTooLarge; the connection is then unusable (close it).
+    Raises BadRequest or HeadersTooLarge; the connection is then unusable (close it once the
+    requests in the error's `completed` events, complete before the bad one, are answered).
     """
 
     __slots__ = ("_url_parts", "_head")
@@ -93,9 +94,16 @@ class RequestReader(_HeadCollector):
             events.append(Upgrade(data[exc.args[0]:]))
         except httptools.HttpParserError as exc:
             error, self._error = self._error, None
-            if error is not None:
-                raise error from None
-            raise BadRequest(str(exc)) from None
+            if error is None:
+                error = BadRequest(str(exc))
+            # Requests that ended before the bad one in the same data are well-formed: they
+            # go with the error, so that a pipelining client still gets their answers whatever
+            # the TCP segmentation was. Nothing of the bad request itself is handed over.
+            for i in range(len(events) - 1, -1, -1):
+                if events[i] is END_OF_MESSAGE:
+                    error.completed = events[:i + 1]
+                    break
+            raise error from None
         return events
 
     # llhttp callbacks -------------------------------------------------------------------
@@ -316,9 +324,8 @@ class ResponseReader(_HeadCollector):
         if self._renew:
             return  # already ended at the head (HEAD request)
         if self._interim:
+            # The exchange stays open (in_message; an EOF now is a cut-off response).
             self._interim = False
-            self._head = None
-            self._head_bytes = 0
             return
         self._events.append(END_OF_MESSAGE)
         self._head = None
