@@ -1,0 +1,1 @@
+"""Helpers of benchmarks/run.py: processes, targets, load runs and reports."""
