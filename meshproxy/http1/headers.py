@@ -36,13 +36,21 @@ def connection_tokens(values: list[bytes]) -> tuple[bytes, ...]:
     return tuple(tokens)
 
 
+# Connection tokens that name no field to drop. Host and x-request-id are end to end by their
+# nature: a Connection header naming them would let a client strip them between proxies.
+_NOT_DROPPED = frozenset({b"close", b"keep-alive", b"upgrade", b"host", b"x-request-id"})
+
+
 def drop_connection_named(headers: list, tokens: tuple[bytes, ...]) -> list:
     """Return `headers` without the fields that the Connection header names (RFC 9110 §7.6.1).
 
-    Only called when Connection named something other than the usual keep-alive/close/upgrade,
-    so the common path never copies the list.
+    The common Connection values (keep-alive, close, upgrade) name nothing, and then the list
+    is returned as it is, without a copy.
     """
-    named = set(tokens) - {b"close", b"keep-alive", b"upgrade"}
-    if not named:
+    for token in tokens:
+        if token not in _NOT_DROPPED:
+            break
+    else:
         return headers
+    named = set(tokens) - _NOT_DROPPED
     return [(k, v) for k, v in headers if k.lower() not in named]

@@ -12,11 +12,14 @@ from __future__ import annotations
 
 import httptools
 
+import re
+
 from meshproxy.http1.errors import BadRequest, HeadersTooLarge, UpstreamProtocolError
 from meshproxy.http1.events import END_OF_MESSAGE, RequestHead, ResponseHead, Upgrade
 from meshproxy.http1.headers import FRAMING_AND_HOP, connection_tokens, drop_connection_named
 
 MAX_HEADER_BYTES = 64 * 1024
+_BAD_REASON = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 
 
 class _HeadCollector:
@@ -24,7 +27,7 @@ class _HeadCollector:
 
     __slots__ = (
         "_headers", "_special", "_head_bytes", "_max_head", "_in_body", "_events", "_error",
-        "_parser",
+        "_parser", "_mid_head", "_unparsed",
     )
 
     def _reset_head(self) -> None:
@@ -32,6 +35,26 @@ class _HeadCollector:
         self._special: list = []
         self._head_bytes = 0
         self._in_body = False
+        # Bytes received while a head was incomplete. httptools holds an unfinished field line
+        # internally and only reports it once its line ends, so the 64 KiB limit is also
+        # checked against what arrived, not just against the fields reported.
+        self._unparsed = 0
+
+    def _count_unfinished(self, data: bytes) -> bool:
+        """Call before feeding: returns True when a head was incomplete when `data` came."""
+        if self._mid_head:
+            self._unparsed += len(data)
+            return True
+        return False
+
+    def _check_unfinished(self) -> None:
+        """Call after feeding: refuse a head that is still incomplete and too large."""
+        if self._mid_head and max(self._unparsed, self._head_bytes) > self._max_head:
+            raise self._too_large()
+
+    def _head_done(self) -> None:
+        self._mid_head = False
+        self._unparsed = 0
 
     def on_header(self, name: bytes, value: bytes) -> None:
         if self._in_body:
@@ -42,6 +65,9 @@ class _HeadCollector:
         if self._head_bytes > self._max_head:
             self._error = self._too_large()
             raise self._error
+        # llhttp drops the whitespace before a value, not after it (RFC 9110 §5.5: OWS is not
+        # part of the value).
+        value = value.rstrip(b" \t")
         lname = name.lower()
         if lname in FRAMING_AND_HOP:
             self._special.append((lname, value))
@@ -66,14 +92,17 @@ class RequestReader(_HeadCollector):
     requests in the error's `completed` events, complete before the bad one, are answered).
     """
 
-    __slots__ = ("_url_parts", "_head")
+    __slots__ = ("_url_parts", "_head", "_last_head", "_upgrade_body")
 
     def __init__(self, max_header_bytes: int = MAX_HEADER_BYTES) -> None:
         self._max_head = max_header_bytes
         self._events: list = []
         self._error: Exception | None = None
         self._head: RequestHead | None = None
+        self._last_head: RequestHead | None = None
         self._url_parts: list = []
+        self._mid_head = False
+        self._upgrade_body = 0  # body bytes of an upgrade request still to come
         self._reset_head()
         self._parser = httptools.HttpRequestParser(self)
 
@@ -83,33 +112,75 @@ class RequestReader(_HeadCollector):
     @property
     def in_message(self) -> bool:
         """True between the first byte of a request and its end (for timeouts and EOF)."""
-        return bool(self._url_parts) or self._head is not None
+        return self._mid_head or self._head is not None or self._upgrade_body > 0
 
     def feed(self, data: bytes) -> list:
         """Parse `data`; return the events it completes. Raises BadRequest, HeadersTooLarge."""
         events = self._events = []
-        try:
-            self._parser.feed_data(data)
-        except httptools.HttpParserUpgrade as exc:
-            events.append(Upgrade(data[exc.args[0]:]))
-        except httptools.HttpParserError as exc:
-            error, self._error = self._error, None
-            if error is None:
-                error = BadRequest(str(exc))
-            # Requests that ended before the bad one in the same data are well-formed: they
-            # go with the error, so that a pipelining client still gets their answers whatever
-            # the TCP segmentation was. Nothing of the bad request itself is handed over.
-            for i in range(len(events) - 1, -1, -1):
-                if events[i] is END_OF_MESSAGE:
-                    error.completed = events[:i + 1]
-                    break
-            raise error from None
+        if self._upgrade_body:
+            self._take_upgrade_body(data, events)
+            return events
+        self._count_unfinished(data)
+        while True:
+            try:
+                self._parser.feed_data(data)
+            except httptools.HttpParserUpgrade as exc:
+                rest = data[exc.args[0]:]
+                head = self._last_head
+                if head is not None and head.upgrade is None:
+                    # llhttp switched, but the request does not upgrade by our rules (HTTP/1.0,
+                    # RFC 9110 §7.8): go on parsing HTTP with a fresh parser.
+                    self._parser = httptools.HttpRequestParser(self)
+                    data = rest
+                    continue
+                self._upgraded(head, rest, events)
+            except httptools.HttpParserError as exc:
+                self._failed(exc, events)
+            break
+        self._check_unfinished()
         return events
+
+    def _upgraded(self, head: RequestHead | None, rest: bytes, events: list) -> None:
+        if head is not None and head.chunked:
+            raise BadRequest("an upgrade request with a chunked body")
+        if head is not None and head.content_length:
+            # llhttp skips an upgrade request's body, but it is still this request's: only
+            # what follows it belongs to the new protocol.
+            if events and events[-1] is END_OF_MESSAGE:
+                events.pop()
+            self._upgrade_body = head.content_length
+            self._take_upgrade_body(rest, events)
+        else:
+            events.append(Upgrade(rest))
+
+    def _take_upgrade_body(self, data: bytes, events: list) -> None:
+        step = min(self._upgrade_body, len(data))
+        if step:
+            events.append(data[:step])
+            self._upgrade_body -= step
+        if not self._upgrade_body:
+            events.append(END_OF_MESSAGE)
+            events.append(Upgrade(data[step:]))
+
+    def _failed(self, exc: Exception, events: list) -> None:
+        """Raise the error llhttp (or a rule) found, with the requests completed before it."""
+        error, self._error = self._error, None
+        if error is None:
+            error = BadRequest(str(exc))
+        # Requests that ended before the bad one in the same data are well-formed: they go
+        # with the error, so that a pipelining client still gets their answers whatever the
+        # TCP segmentation was. Nothing of the bad request itself is handed over.
+        for i in range(len(events) - 1, -1, -1):
+            if events[i] is END_OF_MESSAGE:
+                error.completed = events[:i + 1]
+                break
+        raise error from None
 
     # llhttp callbacks -------------------------------------------------------------------
 
     def on_message_begin(self) -> None:
         self._reset_head()
+        self._mid_head = True
         self._url_parts = []
 
     def on_url(self, url: bytes) -> None:
@@ -129,8 +200,9 @@ class RequestReader(_HeadCollector):
         except BadRequest as exc:
             self._error = exc
             raise
+        self._head_done()
         self._in_body = True
-        self._head = head
+        self._head = self._last_head = head
         self._events.append(head)
 
     def on_message_complete(self) -> None:
@@ -160,6 +232,9 @@ def _apply_request_rules(head: RequestHead, special: list, keep_alive: bool) -> 
             head.request_id = value
         elif name == b"expect":
             head.expect_continue = value.strip().lower() == b"100-continue"
+    if head.version not in ("1.1", "1.0"):
+        # HTTP/0.9 has no head to check, and HTTP/2 does not come as an HTTP/1 request line.
+        raise BadRequest(f"HTTP/{head.version} is not HTTP/1.x")
     if head.version == "1.1" and hosts != 1:
         # RFC 9112 §3.2: exactly one Host in HTTP/1.1; two could route differently per hop.
         raise BadRequest("HTTP/1.1 request needs exactly one Host header")
@@ -179,8 +254,12 @@ def _apply_request_rules(head: RequestHead, special: list, keep_alive: bool) -> 
     if conn_values:
         head.connection_tokens = tokens = connection_tokens(conn_values)
         head.headers = drop_connection_named(head.headers, tokens)
-    if head.upgrade is not None and b"upgrade" not in head.connection_tokens:
-        head.upgrade = None  # RFC 9110 §7.8: Upgrade only counts when Connection names it
+    if head.upgrade is not None and (
+        b"upgrade" not in head.connection_tokens or head.version != "1.1"
+    ):
+        # RFC 9110 §7.8: Upgrade counts only when Connection names it, and only in HTTP/1.1
+        # (an HTTP/1.0 proxy on the way could have passed it on without understanding it).
+        head.upgrade = None
     if head.method == b"CONNECT":
         raise BadRequest("CONNECT is not supported")
 
@@ -194,7 +273,7 @@ class ResponseReader(_HeadCollector):
     completes (the end of a close-delimited body). Raises UpstreamProtocolError.
     """
 
-    __slots__ = ("_no_body", "_renew", "_head", "_reason", "_interim")
+    __slots__ = ("_no_body", "_renew", "_head", "_reason", "_interim", "_awaiting_final")
 
     def __init__(self, max_header_bytes: int = MAX_HEADER_BYTES) -> None:
         self._max_head = max_header_bytes
@@ -205,6 +284,8 @@ class ResponseReader(_HeadCollector):
         self._head: ResponseHead | None = None
         self._reason = b""
         self._interim = False
+        self._awaiting_final = False  # an interim 1xx came; the final response has not
+        self._mid_head = False
         self._reset_head()
         self._parser = httptools.HttpResponseParser(self)
 
@@ -214,7 +295,7 @@ class ResponseReader(_HeadCollector):
     @property
     def in_message(self) -> bool:
         """True while a response has started and not ended."""
-        return self._head is not None or self._head_bytes > 0
+        return self._mid_head or self._head is not None or self._awaiting_final
 
     def expect(self, head_request: bool) -> None:
         """Prepare for the response to the next request; `head_request` for method HEAD."""
@@ -223,6 +304,7 @@ class ResponseReader(_HeadCollector):
     def feed(self, data: bytes) -> list:
         """Parse `data`; return the events it completes. Raises UpstreamProtocolError."""
         events = self._events = []
+        self._count_unfinished(data)
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade as exc:
@@ -232,6 +314,7 @@ class ResponseReader(_HeadCollector):
             if error is not None:
                 raise error from None
             raise UpstreamProtocolError(str(exc)) from None
+        self._check_unfinished()
         if self._renew:
             # A response to HEAD ended at its head; llhttp would have read a body by its
             # Content-Length, so the next response gets a fresh parser.
@@ -257,15 +340,28 @@ class ResponseReader(_HeadCollector):
 
     def on_message_begin(self) -> None:
         self._reset_head()
+        self._mid_head = True
         self._reason = b""
 
     def on_status(self, reason: bytes) -> None:
         self._reason += reason
+        self._head_bytes += len(reason)
+        if self._head_bytes > self._max_head:
+            self._error = self._too_large()
+            raise self._error
 
     def on_headers_complete(self) -> None:
         parser = self._parser
         status = parser.get_status_code()
-        head = ResponseHead(status, self._reason, parser.get_http_version(), self._headers)
+        reason = self._reason
+        if status < 100 or _BAD_REASON.search(reason) is not None:
+            # RFC 9112 §4: a three-digit status 1xx-5xx, and a reason of visible characters,
+            # spaces and tabs; anything else would be passed on to the client as it came.
+            self._error = UpstreamProtocolError("malformed status line")
+            raise self._error
+        self._head_done()
+        self._awaiting_final = 100 <= status < 200 and status != 101
+        head = ResponseHead(status, reason, parser.get_http_version(), self._headers)
         te_values: list[bytes] = []
         conn_values: list[bytes] = []
         for name, value in self._special:
@@ -280,11 +376,17 @@ class ResponseReader(_HeadCollector):
             elif name == b"host" or name == b"x-request-id" or name == b"expect":
                 pass  # kept in headers as received
         head.keep_alive = parser.should_keep_alive()
-        if conn_values:
-            tokens = connection_tokens(conn_values)
+        tokens = connection_tokens(conn_values) if conn_values else ()
+        if tokens:
             head.headers = drop_connection_named(head.headers, tokens)
         bodiless = self._no_body or status < 200 or status in (204, 304)
         if bodiless:
+            # llhttp judges keep-alive as if a response without framing ran to the close; one
+            # that has no body by its request or status ends at its head (RFC 9112 §9.3).
+            if head.version == "1.1":
+                head.keep_alive = b"close" not in tokens
+            else:
+                head.keep_alive = b"keep-alive" in tokens and b"close" not in tokens
             # Content-Length of a response to HEAD, or of a 304, is the size the full response
             # would have had (RFC 9110 §8.6, §9.3.2, §15.4.5): it is forwarded, never read as
             # framing. 1xx and 204 must not carry it at all.

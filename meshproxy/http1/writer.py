@@ -85,5 +85,11 @@ def informational_bytes(head: ResponseHead) -> bytes:
 
 
 def chunk(data: bytes) -> list:
-    """Return the pieces of one chunk carrying `data` (for transport.writelines)."""
+    """Return the pieces of one chunk carrying `data` (for transport.writelines).
+
+    Empty data gives no pieces: a zero-size chunk is the last-chunk marker and would end the
+    body early (RFC 9112 §7.1).
+    """
+    if not data:
+        return []
     return [b"%x\r\n" % len(data), data, _CRLF]
