@@ -19,6 +19,9 @@ from meshproxy.dataplane.upstream import ConnectionPool
 from meshproxy.http1.errors import BadRequest, NoEndpoints, UnknownDestination
 from meshproxy.http1.events import RequestHead
 from meshproxy.policy.balancer import EndpointLoad, make_balancer
+from meshproxy.policy.router import RouteTable
+
+NO_ROUTES = RouteTable(())
 
 # Spec §3: idle keep-alive towards meshed peers (their inbound keeps clients 75 s) and towards
 # apps and unmeshed endpoints (which often close idle connections after 2-5 s).
@@ -56,15 +59,18 @@ class EndpointRuntime:
 
 
 class ServiceRuntime:
-    """A Service as the data plane sees it: name, policy, endpoints and their balancer."""
+    """A Service as the data plane sees it: name, policy, endpoints, balancer and routes."""
 
-    __slots__ = ("key", "policy", "endpoints", "balancer")
+    __slots__ = ("key", "policy", "endpoints", "balancer", "routes", "port")
 
-    def __init__(self, key: str, policy, endpoints: list[EndpointRuntime], balancer) -> None:
+    def __init__(self, key: str, policy, endpoints: list[EndpointRuntime], balancer,
+                 routes: RouteTable = NO_ROUTES, port: int = 80) -> None:
         self.key = key
         self.policy = policy
         self.endpoints = endpoints
         self.balancer = balancer
+        self.routes = routes  # HTTPRoutes attached to this Service (outbound only)
+        self.port = port
 
     def pick(self) -> EndpointRuntime:
         """Return the endpoint the balancer chooses. Raises NoEndpoints when there is none."""
@@ -139,7 +145,10 @@ class Destinations:
                 endpoints[(key, endpoint.key)] = endpoint
                 runtimes.append(endpoint)
             balancer = make_balancer(policy.load_balancer.type, self.rng)
-            services[key] = ServiceRuntime(key, policy, runtimes, balancer)
+            routes = snapshot.routes_for(key)
+            services[key] = ServiceRuntime(key, policy, runtimes, balancer,
+                                           RouteTable(routes) if routes else NO_ROUTES,
+                                           service.port)
         for ident, endpoint in self._endpoints.items():
             if ident not in endpoints:
                 endpoint.pool.close_idle()
@@ -211,6 +220,10 @@ class OutboundResolver:
         self.own_addresses = own_addresses
         self._cache: dict[bytes, ServiceRuntime] = {}
         self._cache_for = None
+
+    def service(self, key: str) -> ServiceRuntime | None:
+        """The runtime of Service `key` (a route's backend), or None when it does not exist."""
+        return self.destinations.services.get(key)
 
     def resolve(self, head: RequestHead) -> tuple[ServiceRuntime, bytes]:
         """Return (service, request target to send upstream).
@@ -287,3 +300,7 @@ class InboundResolver:
     def resolve(self, head: RequestHead) -> tuple[ServiceRuntime, bytes]:
         """Return (the local app's runtime, the target unchanged)."""
         return self.runtime, head.target
+
+    def service(self, key: str) -> ServiceRuntime | None:
+        """Inbound requests are never routed to other Services."""
+        return None

@@ -114,6 +114,10 @@ class DownstreamConnection(asyncio.Protocol):
                 exchange.request_end()
                 if not exchange.upgrading:
                     self.parsing = None
+                    if exchange.finished and self.current is None and not self._closing:
+                        # It was answered from its head (an error, a redirect) before its end
+                        # was read: only now is the connection waiting for the next request.
+                        self._arm_for_next()
             elif event.__class__ is RequestHead:
                 self._on_head(event)
             elif event.__class__ is Upgrade:
@@ -232,6 +236,11 @@ class DownstreamConnection(asyncio.Protocol):
             self.current.start()
             return
         self.resume_reading(self.PAUSE_PIPELINE)
+        if self.parsing is exchange:
+            return  # its request's end is still to be read; the timers start after it
+        self._arm_for_next()
+
+    def _arm_for_next(self) -> None:
         if self.reader is not None and self.reader.in_message:
             self._arm(_HEAD, self.listener.header_timeout)
         else:

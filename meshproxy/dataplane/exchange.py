@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import random
+from http import HTTPStatus
 from typing import TYPE_CHECKING
 
+from meshproxy.dataplane.mirror import MAX_MIRROR_BODY
+from meshproxy.dataplane.routing import Redirect, route
 from meshproxy.http1.errors import ProxyError, UpstreamReset
 from meshproxy.http1.events import RequestHead, ResponseHead
 from meshproxy.http1.writer import (
@@ -21,6 +24,7 @@ from meshproxy.http1.writer import (
     request_head_bytes,
     response_head_bytes,
 )
+from meshproxy.policy.filters import modify_headers
 
 if TYPE_CHECKING:  # pragma: no cover
     from meshproxy.dataplane.destinations import EndpointRuntime, ServiceRuntime
@@ -54,7 +58,8 @@ class Exchange:
         "down", "head", "service", "endpoint", "upstream", "target", "started_at", "t0",
         "request_complete", "pending", "pending_bytes", "response", "response_chunked",
         "client_keep_alive", "finished", "request_bytes", "response_bytes", "connect_task",
-        "upgrading", "reused_retry_done", "status", "out", "tunnel_pending",
+        "upgrading", "reused_retry_done", "status", "out", "route", "response_modifiers",
+        "mirrors", "mirror_body", "tunnel_pending",
     )
 
     def __init__(self, down: "DownstreamConnection", head: RequestHead) -> None:
@@ -86,16 +91,60 @@ class Exchange:
         # writelines() (one system call) at the end of that read: a head and a small body then
         # leave together, which on these machines costs less than the Python around it.
         self.out: list = []
+        self.route = "default"  # spec §6 route label: NAMESPACE/NAME/RULE once a route matched
+        self.response_modifiers: list = []  # ResponseHeaderModifier filters of the route
+        self.mirrors: list = []  # Services that get a copy of this request (RequestMirror)
+        self.mirror_body: list | None = None  # the body kept for the copies, up to 64 KiB
 
     # -- starting ---------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Resolve the destination, pick an endpoint and get a connection to it."""
+        """Resolve the destination, apply its routes, pick an endpoint and connect to it."""
         try:
-            self.service, self.target = self.down.resolver.resolve(self.head)
+            service, self.target = self.down.resolver.resolve(self.head)
+            if service.routes:
+                self.service = service  # metrics name the parent until a backend is chosen
+                service = route(self, service)
+                if service.__class__ is Redirect:
+                    self._redirect(service)
+                    return
+                if self.mirrors:
+                    self._start_mirrors()
+            self.service = service
             self._attempt()
         except ProxyError as exc:
             self.fail(exc)
+
+    def _start_mirrors(self) -> None:
+        if not self.head.has_body:
+            self._send_mirrors(None)
+        elif self.head.content_length is None or self.head.content_length <= MAX_MIRROR_BODY:
+            self.mirror_body = []  # sent when the request is complete (request_end)
+        else:
+            self.mirrors = []  # too large to keep a copy of: not mirrored
+
+    def _send_mirrors(self, body: list | None) -> None:
+        mirrors, self.mirrors = self.mirrors, []
+        send = self.down.listener.mirrors.send
+        for runtime in mirrors:
+            send(runtime, self.head, self.target, body)
+
+    def _request_read(self) -> bool:
+        """True when nothing of the request is still to come from the client: it ended, or it
+        has no body (its end is the very next event when the proxy answers from its head)."""
+        return self.request_complete or not self.head.has_body
+
+    def _redirect(self, redirect: Redirect) -> None:
+        """Answer with the route's redirect; nothing goes upstream."""
+        self.status = redirect.status
+        keep = self.client_keep_alive and self._request_read() and not self.upgrading
+        self.client_keep_alive = keep
+        phrase = HTTPStatus(redirect.status).phrase
+        head = (f"HTTP/1.1 {redirect.status} {phrase}\r\nlocation: {redirect.location}\r\n"
+                f"content-length: 0\r\n{'' if keep else 'connection: close' + chr(13) + chr(10)}"
+                "\r\n")
+        self.down.write(head.encode("latin-1"))
+        self._finish()
 
     def _attempt(self) -> None:
         endpoint = self.endpoint = self.service.pick()
@@ -164,6 +213,11 @@ class Exchange:
                 if self.pending_bytes > PENDING_BODY_LIMIT:
                     self.down.pause_reading(self.down.PAUSE_BUFFER)
             return
+        if self.mirror_body is not None:
+            self.mirror_body.append(data)
+            if len(self.mirror_body) > 1 and sum(map(len, self.mirror_body)) > MAX_MIRROR_BODY:
+                self.mirror_body = None  # too large to keep a copy of: not mirrored
+                self.mirrors = []
         conn = self.upstream
         if conn is not None:
             if self.head.chunked:
@@ -181,6 +235,9 @@ class Exchange:
     def request_end(self) -> None:
         """The client finished sending the request."""
         self.request_complete = True
+        if self.mirror_body is not None:
+            body, self.mirror_body = self.mirror_body, None
+            self._send_mirrors(body)
         conn = self.upstream
         if conn is not None and self.head.chunked:
             conn.transport.write(LAST_CHUNK)
@@ -201,6 +258,8 @@ class Exchange:
             return
         self.response = head
         self.status = head.status
+        for modifier in self.response_modifiers:
+            head.headers = modify_headers(head.headers, modifier)
         if head.status == 101:
             return  # the Upgrade event follows at once
         if self.upgrading:
@@ -322,7 +381,7 @@ class Exchange:
             self._abort_client()
             return
         self.status = error.status
-        keep = self.client_keep_alive and self.request_complete and not self.upgrading
+        keep = self.client_keep_alive and self._request_read() and not self.upgrading
         self.client_keep_alive = keep
         self.down.write_error(error, keep_alive=keep)
         self._finish()
@@ -359,7 +418,7 @@ class Exchange:
         down = self.down
         service = self.service.key if self.service is not None else "unknown"
         down.metrics.request_finished(
-            down.direction, service, "default", self.status, down.loop.time() - self.t0,
+            down.direction, service, self.route, self.status, down.loop.time() - self.t0,
             self.request_bytes, self.response_bytes,
         )
 

@@ -6,6 +6,7 @@ import asyncio
 import random
 
 from meshproxy.dataplane.downstream import DownstreamConnection
+from meshproxy.dataplane.mirror import Mirrors
 
 # Spec §3 "client side": header read timeout and idle keep-alive.
 HEADER_TIMEOUT = 10.0
@@ -20,6 +21,7 @@ class Listener:
                  idle_timeout: float = CLIENT_IDLE_TIMEOUT) -> None:
         self.loop = loop
         self.rng = rng
+        self.mirrors = Mirrors(loop)
         self.resolver = resolver
         self.metrics = metrics
         self.direction = resolver.direction

@@ -165,6 +165,13 @@ class RouteTable:
 
     def match(self, method: str, target: str, header: HeaderLookup) -> MatchedRule | None:
         """Return the rule that takes a request (`target` is path plus query), or None."""
+        found = self.match_with_prefix(method, target, header)
+        return found[0] if found is not None else None
+
+    def match_with_prefix(self, method: str, target: str,
+                          header: HeaderLookup) -> tuple[MatchedRule, str | None] | None:
+        """Like match(), with the PathPrefix that matched (None for other path matches), which
+        a ReplacePrefixMatch rewrite needs."""
         path, _, query_text = target.partition("?")
         query = None
         if self.needs_query and query_text:
@@ -173,7 +180,8 @@ class RouteTable:
                 query.setdefault(name, value)  # the first value of a repeated parameter
         for candidate in self.candidates:
             if candidate.matches(method, path, query, header):
-                return candidate.rule
+                prefix = candidate.path if candidate.path_type == "PathPrefix" else None
+                return candidate.rule, prefix
         return None
 
     def shadowed(self) -> list[MatchedRule]:
