@@ -76,6 +76,9 @@ def _add_check(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("paths", nargs="+", metavar="PATH")
     p.add_argument("--strict", action="store_true", help="warnings also fail the check")
+    p.add_argument("--explain", metavar="REQUEST", default=None,
+                   help="show how a request would be routed, e.g. "
+                   "'GET http://delivery/api/deliveries/7 -H x-beta:true'")
 
 
 def _add_up(sub: argparse._SubParsersAction) -> None:
@@ -112,7 +115,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "check":
         from meshproxy.config.check import run_check
 
-        return run_check(args.paths, strict=args.strict)
+        return run_check(args.paths, strict=args.strict, explain=args.explain)
     if args.command == "up":
         from meshproxy.local.up import run_up
 

@@ -33,8 +33,12 @@ def summary(result: LoadResult) -> str:
 
 
 def run_check(paths: Sequence[str], strict: bool = False, out: TextIO | None = None,
-              err: TextIO | None = None) -> int:
-    """Check `paths` and print the outcome; return the exit code (0 valid, 1 not)."""
+              err: TextIO | None = None, explain: str | None = None) -> int:
+    """Check `paths` and print the outcome; return the exit code (0 valid, 1 not).
+
+    With `explain` (`METHOD URL [-H NAME:VALUE]...`), a valid configuration is followed by
+    how that request would be routed; a malformed request exits 2.
+    """
     out = out or sys.stdout
     err = err or sys.stderr
     result = load(paths)
@@ -46,4 +50,14 @@ def run_check(paths: Sequence[str], strict: bool = False, out: TextIO | None = N
               f"{_plural(len(result.warnings), 'warning')}{reason}", file=err)
         return 1
     print(summary(result), file=out)
+    if explain is not None:
+        from meshproxy.policy.explain import ExplainError, explain as explain_request
+
+        try:
+            lines = explain_request(Snapshot(result.resources), explain)
+        except ExplainError as exc:
+            print(f"meshproxy check: --explain: {exc}", file=err)
+            return 2
+        for line in lines:
+            print(line, file=out)
     return 0
