@@ -25,17 +25,21 @@ MAX_MIRROR_BODY = 64 * 1024
 class _Sink:
     """Stands in for an exchange on the mirror's upstream connection: reads and discards."""
 
-    __slots__ = ("done",)
+    __slots__ = ("done", "keep_alive")
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.done = loop.create_future()
+        self.keep_alive = True
 
     def _finish(self, ok: bool) -> None:
         if not self.done.done():
             self.done.set_result(ok)
 
     def response_head(self, head) -> None:
-        pass
+        if not head.informational:
+            # `Connection: close` (or HTTP/1.0 without keep-alive): the connection must not
+            # carry another request (RFC 9112 §9.6).
+            self.keep_alive = head.keep_alive
 
     def response_body(self, data: bytes) -> None:
         pass
@@ -71,6 +75,8 @@ class Mirrors:
         self.sent = 0
         self.failed = 0
         self.skipped = 0
+        # The loop keeps only weak references to tasks: these keep copies under way alive.
+        self._tasks: set[asyncio.Task] = set()
 
     def send(self, runtime, head: RequestHead, target: bytes, body: list | None) -> None:
         """Start a copy of the request to Service `runtime`; never raises. `body`: the
@@ -79,10 +85,13 @@ class Mirrors:
             self.skipped += 1
             return
         self.in_flight += 1
-        asyncio.ensure_future(self._send(runtime, head, target, body))
+        task = self.loop.create_task(self._send(runtime, head, target, body))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def _send(self, runtime, head: RequestHead, target: bytes, body: list | None) -> None:
         conn = None
+        sink = None
         ok = False
         try:
             endpoint = runtime.pick()
@@ -106,9 +115,11 @@ class Mirrors:
                 self.failed += 1
             if conn is not None:
                 conn.exchange = None
-                if ok and not conn.reader.in_message:
+                if not ok or conn.reader.in_message:
+                    conn.abort()
+                elif sink.keep_alive:
                     conn.pool.release(conn)
                 else:
-                    conn.abort()
+                    conn.close()
 
 

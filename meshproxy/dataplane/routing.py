@@ -75,6 +75,12 @@ def _apply(exchange: "Exchange", filters, prefix: str | None,
             host = head.header(b"host")
             if host is not None:
                 head.host = host
+            elif head.host is not None:
+                # HTTP/1.1 requires Host (RFC 9112 §3.2): a removed one is put back as it was.
+                head.headers.insert(0, (b"host", head.host))
+            # The id the head carries is the one sent upstream (one is added when absent, spec
+            # §4), so it follows what the filter set or removed.
+            head.request_id = head.header(b"x-request-id")
         elif kind == "ResponseHeaderModifier":
             exchange.response_modifiers.append(f.response_header_modifier)
         elif kind == "URLRewrite":

@@ -5,18 +5,24 @@
 done by the data plane; this module only says where to.
 
 Header names compare case-insensitively (RFC 9110 §5.1); `set` replaces every field of that name
-with one, `add` appends one, `remove` drops every field of that name.
+with one, `add` appends one, `remove` drops every field of that name. Values are sent as UTF-8
+(bytes above 0x7F are obs-text to HTTP, RFC 9110 §5.5), so any value YAML can hold is sendable.
+Framing and hop-by-hop fields are never set or added: the proxy writes those itself for each
+hop, and a second Content-Length or a Transfer-Encoding from a filter would make the message
+ambiguous (RFC 9112 §6.3) or contradict the connection handling.
 """
 
 from __future__ import annotations
 
 from meshproxy.config.model.route import HeaderModifier, PathModifier, RequestRedirect
+from meshproxy.http1.headers import HOP_BY_HOP
 
 _DEFAULT_PORTS = {"http": 80, "https": 443}
+_NOT_MODIFIABLE = HOP_BY_HOP | {b"content-length"}
 
 
 def modify_headers(fields: list, modifier: HeaderModifier) -> list:
-    """Return `fields` ((name, value) byte pairs) changed by `modifier`."""
+    """Return a new list: `fields` ((name, value) byte pairs) changed by `modifier`."""
     result = list(fields)
     if modifier.remove:
         gone = {name.lower().encode("latin-1") for name in modifier.remove}
@@ -24,10 +30,15 @@ def modify_headers(fields: list, modifier: HeaderModifier) -> list:
     for header in modifier.set:
         name = header.name.encode("latin-1")
         lname = name.lower()
+        if lname in _NOT_MODIFIABLE:
+            continue
         result = [(k, v) for k, v in result if k.lower() != lname]
-        result.append((name, header.value.encode("latin-1")))
+        result.append((name, header.value.encode("utf-8")))
     for header in modifier.add:
-        result.append((header.name.encode("latin-1"), header.value.encode("latin-1")))
+        name = header.name.encode("latin-1")
+        if name.lower() in _NOT_MODIFIABLE:
+            continue
+        result.append((name, header.value.encode("utf-8")))
     return result
 
 

@@ -11,6 +11,7 @@ client's peer port so a test can count upstream connections) and serves:
     /slow/{ms}       answers after ms milliseconds
     /ws              WebSocket echo (text and binary)
     /head            GET answers "hello head" with Content-Length; HEAD the same head, no body
+    /api/{anything}  any method: 200, the backend's name and the path (for routes by path)
 """
 
 from __future__ import annotations
@@ -120,6 +121,7 @@ class HttpBackend:
         app.router.add_get("/slow/{ms}", self._slow)
         app.router.add_get("/ws", self._ws)
         app.router.add_get("/head", self._head)  # add_get also answers HEAD
+        app.router.add_route("*", "/api/{tail:.*}", self._api)
         # Stopping does not wait for handlers still sleeping in /slow (a test may leave one).
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False,
                                      shutdown_timeout=0.5)
@@ -226,6 +228,11 @@ class HttpBackend:
             elif msg.type == WSMsgType.BINARY:
                 await ws.send_bytes(msg.data)
         return ws
+
+    async def _api(self, request: web.Request) -> web.Response:
+        body = await request.read()
+        request[RECORD].body_len = len(body)
+        return web.Response(text=f"{self.name} {request.path_qs}\n", headers={"x-backend": self.name})
 
     async def _head(self, request: web.Request) -> web.Response:
         return web.Response(text="hello head", headers={"x-backend": self.name})

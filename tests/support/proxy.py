@@ -29,14 +29,17 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def mesh_yaml(services: dict[str, list[str]], *, policy: str = "ALLOW_ANY",
-              namespace: str = "default") -> str:
+              namespace: str = "default", ports: dict[str, int] | None = None,
+              documents: list[dict | str] | tuple = ()) -> str:
     """Return a Mesh document: each Service's instances are unmeshed apps at the addresses given.
 
-    Instances are named `<service>-<index>`.
+    Instances are named `<service>-<index>`. Services listen on port 80 unless `ports` names
+    another. `documents` (dicts, or YAML text) follow the Mesh in the same file, e.g. HTTPRoutes.
     """
+    ports = ports or {}
     entries = []
     for name, addresses in services.items():
-        entry: dict = {"name": name, "namespace": namespace, "port": 80}
+        entry: dict = {"name": name, "namespace": namespace, "port": ports.get(name, 80)}
         if addresses:
             entry["instances"] = [
                 {"name": f"{name}-{i}", "sidecar": False, "app": {"address": address}}
@@ -49,7 +52,10 @@ def mesh_yaml(services: dict[str, list[str]], *, policy: str = "ALLOW_ANY",
         "metadata": {"name": "test"},
         "spec": {"outboundTrafficPolicy": policy, "services": entries},
     }
-    return yaml.safe_dump(doc, sort_keys=False)
+    parts = [yaml.safe_dump(doc, sort_keys=False)]
+    for extra in documents:
+        parts.append(extra if isinstance(extra, str) else yaml.safe_dump(extra, sort_keys=False))
+    return "---\n".join(parts)
 
 
 def free_ports(n: int) -> list[int]:
@@ -90,7 +96,7 @@ class ProxyProcess:
                  namespace: str = "default", instance: str | None = None,
                  app_port: int | None = None, uvloop: bool = True,
                  extra_args: list[str] | tuple[str, ...] = (), drain_timeout: float = 5.0,
-                 name: str = "proxy") -> None:
+                 name: str = "proxy", extra_configs: list[str] | tuple[str, ...] = ()) -> None:
         self.tmp_path = Path(tmp_path)
         self.config = self.tmp_path / f"{name}-mesh.yaml"
         self.config.write_text(mesh)
@@ -101,6 +107,7 @@ class ProxyProcess:
         self.app_port = app_port
         self.uvloop = uvloop
         self.extra_args = list(extra_args)
+        self.extra_configs = [str(path) for path in extra_configs]  # read after the Mesh file
         self.drain_timeout = drain_timeout
         self.name = name
         self.process: subprocess.Popen | None = None
@@ -111,7 +118,7 @@ class ProxyProcess:
     def command(self) -> list[str]:
         cmd = [
             sys.executable, "-m", "meshproxy", "proxy", "--config", str(self.config),
-            "--service", self.service, "--namespace", self.namespace,
+            *self.extra_configs, "--service", self.service, "--namespace", self.namespace,
             "--outbound-port", str(self.outbound), "--inbound-port", str(self.inbound),
             "--admin-port", str(self.admin), "--health-port", str(self.health),
             "--inbound-bind", "127.0.0.1", "--drain-timeout", str(self.drain_timeout),
