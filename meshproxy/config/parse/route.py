@@ -179,13 +179,34 @@ def _filters(o: Obj, ns: str) -> tuple[RouteFilter, ...]:
         elif kind == "ResponseHeaderModifier":
             out.append(RouteFilter(kind, response_header_modifier=_header_modifier(body)))
         elif kind == "URLRewrite":
-            rewrite = URLRewrite(hostname=body.string("hostname"), path=_path_modifier(body))
+            rewrite = URLRewrite(hostname=_hostname(body, "hostname"), path=_path_modifier(body))
             out.append(RouteFilter(kind, url_rewrite=rewrite))
         elif kind == "RequestRedirect":
             out.append(RouteFilter(kind, request_redirect=_redirect(body)))
         elif (mirror := _mirror(body, ns)) is not None:
             out.append(RouteFilter(kind, request_mirror=mirror))
     return tuple(out)
+
+
+# Gateway API PreciseHostname (RFC 1123, lower case, no wildcard) and HTTP path patterns: they
+# keep what a filter writes into a request line, Host or Location to characters that are legal
+# there (no spaces, CR or LF, no non-ASCII text).
+_PRECISE_HOSTNAME = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+_PATH = re.compile(r"^(?:[-A-Za-z0-9/._~!$&'()*+,;=:@]|%[0-9a-fA-F]{2})+$")
+
+
+def _shown(value: str) -> str:
+    """The value as it can be printed on one line (CR, LF and the like escaped)."""
+    return value.encode("unicode_escape").decode("ascii")
+
+
+def _hostname(o: Obj, key: str) -> str | None:
+    value = o.string(key)
+    if value is not None and (len(value) > 253 or not _PRECISE_HOSTNAME.match(value)):
+        o.r.error(o.value_pos(key), f"{o.field(key)}: '{_shown(value)}' is not a valid hostname "
+                  "(RFC 1123, lower case)")
+        return None
+    return value
 
 
 def _redirect(o: Obj) -> RequestRedirect:
@@ -196,7 +217,7 @@ def _redirect(o: Obj) -> RequestRedirect:
         status = 302
     return RequestRedirect(
         scheme=o.string("scheme", choices=REDIRECT_SCHEMES),
-        hostname=o.string("hostname"),
+        hostname=_hostname(o, "hostname"),
         path=_path_modifier(o),
         port=o.port("port"),
         status_code=status,
@@ -236,6 +257,9 @@ def _path_modifier(o: Obj) -> PathModifier | None:
             values[ptype] = p.string(key, required=True)
             if values[ptype] is not None and not values[ptype].startswith("/"):
                 p.r.error(p.value_pos(key), f"{p.field(key)}: '{values[ptype]}' must start with '/'")
+            elif values[ptype] is not None and not _PATH.match(values[ptype]):
+                p.r.error(p.value_pos(key), f"{p.field(key)}: '{_shown(values[ptype])}' is not a valid "
+                          "path (escape other characters with %XX)")
         else:
             if p.has(key) and kind is not None:
                 p.r.error(p.pos(key), f"{p.field(key)}: does not belong to a path modifier of type {kind}")

@@ -295,3 +295,25 @@ def test_a_fixed_sidecar_port_given_twice(tmp_path: Path) -> None:
         "m.yaml:14:30: spec.services[1].instances[0].sidecar.inbound: port 15100 is already given to a sidecar "
         "(first at line 9)"
     ]
+
+
+def test_filter_hostnames_and_paths_must_be_legal_on_the_wire(tmp_path) -> None:
+    """A filter writes these into Host, Location or the request line: no spaces, CR/LF or
+    non-ASCII text may get there."""
+    from meshproxy.config import load
+
+    path = tmp_path / "r.yaml"
+    path.write_text(
+        "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\n"
+        "metadata: {name: r, namespace: default}\nspec:\n"
+        "  parentRefs: [{kind: Service, name: a}]\n  rules:\n    - filters:\n"
+        "        - type: URLRewrite\n"
+        "          urlRewrite: {hostname: Evil.Host, path: {type: ReplaceFullPath, "
+        "replaceFullPath: \"/a b\"}}\n"
+        "        - type: RequestRedirect\n"
+        "          requestRedirect: {hostname: \"x\\r\\ny\"}\n")
+    messages = [str(d) for d in load([str(path)]).errors]
+    assert any(":9:" in m and "urlRewrite.hostname: 'Evil.Host' is not a valid hostname" in m
+               for m in messages), messages
+    assert any(":9:" in m and "replaceFullPath: '/a b' is not a valid path" in m for m in messages)
+    assert any(":11:" in m and "requestRedirect.hostname: 'x\\r\\ny'" in m for m in messages)
