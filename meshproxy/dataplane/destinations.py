@@ -21,8 +21,6 @@ from meshproxy.http1.events import RequestHead
 from meshproxy.policy.balancer import EndpointLoad, make_balancer
 from meshproxy.policy.router import RouteTable
 
-NO_ROUTES = RouteTable(())
-
 # Spec §3: idle keep-alive towards meshed peers (their inbound keeps clients 75 s) and towards
 # apps and unmeshed endpoints (which often close idle connections after 2-5 s).
 IDLE_TO_MESHED = 60.0
@@ -64,12 +62,14 @@ class ServiceRuntime:
     __slots__ = ("key", "policy", "endpoints", "balancer", "routes", "port")
 
     def __init__(self, key: str, policy, endpoints: list[EndpointRuntime], balancer,
-                 routes: RouteTable = NO_ROUTES, port: int = 80) -> None:
+                 routes: RouteTable | None = None, port: int = 80) -> None:
         self.key = key
         self.policy = policy
         self.endpoints = endpoints
         self.balancer = balancer
-        self.routes = routes  # HTTPRoutes attached to this Service (outbound only)
+        # HTTPRoutes attached to this Service (outbound only); None rather than an empty table,
+        # so the check on every request is a plain None test.
+        self.routes = routes
         self.port = port
 
     def pick(self) -> EndpointRuntime:
@@ -147,7 +147,7 @@ class Destinations:
             balancer = make_balancer(policy.load_balancer.type, self.rng)
             routes = snapshot.routes_for(key)
             services[key] = ServiceRuntime(key, policy, runtimes, balancer,
-                                           RouteTable(routes) if routes else NO_ROUTES,
+                                           RouteTable(routes) if routes else None,
                                            service.port)
         for ident, endpoint in self._endpoints.items():
             if ident not in endpoints:

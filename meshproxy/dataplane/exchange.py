@@ -9,6 +9,7 @@ connection is ready, request bytes wait in a small buffer that pauses the client
 from __future__ import annotations
 
 import asyncio
+import itertools
 import random
 from http import HTTPStatus
 from typing import TYPE_CHECKING
@@ -36,19 +37,26 @@ if TYPE_CHECKING:  # pragma: no cover
 PENDING_BODY_LIMIT = 64 * 1024
 
 
-def new_request_id(rng: random.Random) -> bytes:
-    """Return a random UUID-4-shaped id for `x-request-id`.
+class RequestIds:
+    """`x-request-id` values for requests that come without one, shaped like UUID 4.
 
-    Drawn from the proxy's random source rather than os.urandom, which is a system call per
-    request; an id only has to be unique, not secret.
+    The first 20 hex digits are drawn once per proxy (62 random bits, version and variant set),
+    the last 12 count up from a random start: unique within a proxy by construction and across
+    proxies by the random part, at the cost of a format per request rather than 128 fresh
+    random bits and five slices.
     """
-    h = b"%032x" % ((rng.getrandbits(128) & _UUID4_CLEAR) | _UUID4_SET)
-    return b"%s-%s-%s-%s-%s" % (h[:8], h[8:12], h[12:16], h[16:20], h[20:])
 
+    __slots__ = ("_prefix", "_next")
 
-# Version 4 and the RFC 4122 variant bits, so the id reads as a UUID to log tools.
-_UUID4_CLEAR = ~((0xF << 76) | (0x3 << 62)) & ((1 << 128) - 1)
-_UUID4_SET = (0x4 << 76) | (0x2 << 62)
+    def __init__(self, rng: random.Random) -> None:
+        h = b"%020x" % rng.getrandbits(80)
+        variant = b"89ab"[rng.getrandbits(2)]
+        self._prefix = b"%s-%s-4%s-%c%s-" % (h[:8], h[8:12], h[13:16], variant, h[17:20])
+        self._next = itertools.count(rng.getrandbits(40)).__next__
+
+    def __call__(self) -> bytes:
+        """Return the next id."""
+        return b"%s%012x" % (self._prefix, self._next() & 0xFFFFFFFFFFFF)
 
 
 class Exchange:
@@ -102,7 +110,7 @@ class Exchange:
         """Resolve the destination, apply its routes, pick an endpoint and connect to it."""
         try:
             service, self.target = self.down.resolver.resolve(self.head)
-            if service.routes:
+            if service.routes is not None:
                 self.service = service  # metrics name the parent until a backend is chosen
                 service = route(self, service)
                 if service.__class__ is Redirect:
@@ -183,7 +191,7 @@ class Exchange:
         conn.reader.expect(head.method == b"HEAD")
         extra = None
         if head.request_id is None:
-            head.request_id = new_request_id(self.down.listener.rng)
+            head.request_id = self.down.listener.request_ids()
             extra = [(b"x-request-id", head.request_id)]
         parts = [request_head_bytes(head, self.target, extra, upgrade=self.upgrading)]
         if self.pending:

@@ -6,6 +6,7 @@ import asyncio
 import random
 
 from meshproxy.dataplane.downstream import DownstreamConnection
+from meshproxy.dataplane.exchange import RequestIds
 from meshproxy.dataplane.mirror import Mirrors
 
 # Spec §3 "client side": header read timeout and idle keep-alive.
@@ -21,6 +22,7 @@ class Listener:
                  idle_timeout: float = CLIENT_IDLE_TIMEOUT) -> None:
         self.loop = loop
         self.rng = rng
+        self.request_ids = RequestIds(rng)
         self.mirrors = Mirrors(loop)
         self.resolver = resolver
         self.metrics = metrics

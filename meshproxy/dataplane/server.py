@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import random
 import signal
@@ -177,6 +178,12 @@ async def serve(settings: ProxySettings, snapshot) -> int:
     loop = asyncio.get_running_loop()
     proxy = Proxy(settings, snapshot, loop)
     await proxy.start()
+    # Everything made at start-up (modules, configuration) lives as long as the process:
+    # keep it out of the collector's scans, and collect young objects less often. Requests
+    # allocate many short-lived objects that reference counting frees; collecting them every
+    # 700 allocations cost about 8% of the CPU per request (measured with benchmarks/run.py).
+    gc.freeze()
+    gc.set_threshold(20_000, 50, 100)
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, lambda: asyncio.ensure_future(proxy.drain()))
     log.info(

@@ -25,8 +25,16 @@ HOP_BY_HOP = frozenset(
 FRAMING_AND_HOP = HOP_BY_HOP | {b"content-length", b"host", b"x-request-id", b"expect"}
 
 
+_COMMON_CONNECTION = {b"keep-alive": (b"keep-alive",), b"close": (b"close",),
+                      b"Keep-Alive": (b"keep-alive",), b"Close": (b"close",)}
+
+
 def connection_tokens(values: list[bytes]) -> tuple[bytes, ...]:
     """Return the lower-cased, stripped tokens of one or more Connection header values."""
+    if len(values) == 1:
+        common = _COMMON_CONNECTION.get(values[0])
+        if common is not None:
+            return common  # the usual single value, without splitting
     tokens: list[bytes] = []
     for value in values:
         for token in value.split(b","):
