@@ -16,9 +16,11 @@ import random
 from typing import Callable
 
 from meshproxy.dataplane.upstream import ConnectionPool
-from meshproxy.http1.errors import BadRequest, NoEndpoints, UnknownDestination
+from meshproxy.http1.errors import BadRequest, NoEndpoints, NoHealthyEndpoints, UnknownDestination
 from meshproxy.http1.events import RequestHead
 from meshproxy.policy.balancer import EndpointLoad, make_balancer
+from meshproxy.policy.breaker import PROBING, CircuitBreaker
+from meshproxy.policy.retry import RetryBudget, RetryRule
 from meshproxy.policy.router import RouteTable
 
 # Spec §3: idle keep-alive towards meshed peers (their inbound keeps clients 75 s) and towards
@@ -57,26 +59,64 @@ class EndpointRuntime:
 
 
 class ServiceRuntime:
-    """A Service as the data plane sees it: name, policy, endpoints, balancer and routes."""
+    """A Service as the data plane sees it: name, policy, endpoints, balancer and routes, and
+    for outbound traffic its resilience state: circuit breaker, retry budget and limits."""
 
-    __slots__ = ("key", "policy", "endpoints", "balancer", "routes", "port")
+    __slots__ = ("key", "policy", "endpoints", "balancer", "routes", "port", "keys", "by_key",
+                 "breaker", "budget", "retry_rule", "active", "connecting", "max_requests",
+                 "max_pending", "max_connections", "request_timeout", "per_try_timeout")
 
     def __init__(self, key: str, policy, endpoints: list[EndpointRuntime], balancer,
-                 routes: RouteTable | None = None, port: int = 80) -> None:
+                 routes: RouteTable | None = None, port: int = 80, *,
+                 breaker: CircuitBreaker | None = None, budget: RetryBudget | None = None) -> None:
         self.key = key
         self.policy = policy
         self.endpoints = endpoints
+        self.keys = [e.key for e in endpoints]
+        self.by_key = {e.key: e for e in endpoints}
         self.balancer = balancer
+        # Retries and ejection apply to calls to other Services; inbound (the local app)
+        # has neither, and then these are None.
+        self.breaker = breaker
+        self.budget = budget
+        self.retry_rule = RetryRule.from_policy(policy.retry) if budget is not None else None
+        if breaker is not None:
+            breaker.forget(self.keys)
+        pool = policy.connection_pool
+        self.active = 0  # requests in flight (maxRequests)
+        self.connecting = 0  # connections being opened (maxPendingRequests)
+        self.max_requests = pool.max_requests
+        self.max_pending = pool.max_pending_requests
+        self.max_connections = pool.max_connections
+        self.request_timeout = policy.timeouts.request
+        self.per_try_timeout = policy.timeouts.per_try
         # HTTPRoutes attached to this Service (outbound only); None rather than an empty table,
         # so the check on every request is a plain None test.
         self.routes = routes
         self.port = port
 
-    def pick(self) -> EndpointRuntime:
-        """Return the endpoint the balancer chooses. Raises NoEndpoints when there is none."""
+    def pick(self, tried: set | None = None) -> EndpointRuntime:
+        """Return the endpoint for the next try: a probe when an ejected endpoint is due one,
+        else the balancer's choice among the usable endpoints not `tried` yet (all usable ones
+        when every one was tried). Raises NoEndpoints, NoHealthyEndpoints."""
         endpoints = self.endpoints
         if not endpoints:
             raise NoEndpoints(f"{self.key} has no endpoints")
+        breaker = self.breaker
+        if breaker is not None and not breaker.all_ready:
+            keys = breaker.eligible(self.keys)
+            if not keys:
+                raise NoHealthyEndpoints(f"every endpoint of {self.key} is ejected")
+            last = keys[-1]
+            if breaker.health(last).state == PROBING:
+                # The half-open probe: one real request decides whether it comes back.
+                breaker.probe_started(last)
+                return self.by_key[last]
+            endpoints = [self.by_key[k] for k in keys]
+        if tried:
+            untried = [e for e in endpoints if e.key not in tried]
+            if untried:
+                endpoints = untried
         if len(endpoints) == 1:
             return endpoints[0]
         load = self.balancer.pick([e.load for e in endpoints])
@@ -85,8 +125,25 @@ class ServiceRuntime:
                 return endpoint
         raise AssertionError("balancer returned an unknown endpoint")  # pragma: no cover
 
+    def open_connections(self) -> int:
+        """Upstream connections open to this Service's endpoints (maxConnections)."""
+        return sum(e.pool.open_count for e in self.endpoints)
+
     def to_json(self, now: float) -> dict:
-        return {"service": self.key, "endpoints": [e.to_json(now) for e in self.endpoints]}
+        endpoints = []
+        for e in self.endpoints:
+            entry = e.to_json(now)
+            if self.breaker is not None:
+                health = self.breaker.health(e.key)
+                entry["state"] = health.state
+                if health.state != "ready":
+                    entry["ejected_until"] = round(health.ejected_until, 3)
+                    entry["ejected_for_seconds"] = round(max(health.ejected_until - now, 0.0), 3)
+            endpoints.append(entry)
+        data = {"service": self.key, "endpoints": endpoints, "active_requests": self.active}
+        if self.budget is not None:
+            data["retry_budget_remaining"] = round(self.budget.remaining(), 2)
+        return data
 
 
 def split_authority(authority: bytes) -> tuple[str, int | None]:
@@ -146,9 +203,11 @@ class Destinations:
                 runtimes.append(endpoint)
             balancer = make_balancer(policy.load_balancer.type, self.rng)
             routes = snapshot.routes_for(key)
+            old = self.services.get(key)
+            breaker, budget = self._resilience(old, policy)
             services[key] = ServiceRuntime(key, policy, runtimes, balancer,
                                            RouteTable(routes) if routes else None,
-                                           service.port)
+                                           service.port, breaker=breaker, budget=budget)
         for ident, endpoint in self._endpoints.items():
             if ident not in endpoints:
                 endpoint.pool.close_idle()
@@ -159,6 +218,14 @@ class Destinations:
             for endpoint in runtime.endpoints:
                 endpoint.pool.close_idle()
         self.passthrough = {}
+
+    def _resilience(self, old: ServiceRuntime | None, policy) -> tuple:
+        """The breaker and retry budget for a Service: kept across snapshots while its
+        policy stays the same (ejections and the budget's window survive a reload)."""
+        if old is not None and old.breaker is not None and old.policy == policy:
+            return old.breaker, old.budget
+        return (CircuitBreaker.from_policy(policy.circuit_breaker, self.clock, self.rng),
+                RetryBudget.from_policy(policy.retry.budget, self.clock))
 
     def _endpoint(self, service_key: str, host: str, port: int, meshed: bool, instance: str,
                   policy) -> EndpointRuntime:
@@ -189,8 +256,10 @@ class Destinations:
                     endpoint.pool.close_idle()
             policy = self.snapshot.policy_for(f"{host}:{port}")
             endpoint = self._endpoint(f"{host}:{port}", host, port, False, "", policy)
+            breaker, budget = self._resilience(None, policy)
             runtime = ServiceRuntime(f"{host}:{port}", policy, [endpoint],
-                                     make_balancer("RoundRobin", self.rng))
+                                     make_balancer("RoundRobin", self.rng),
+                                     breaker=breaker, budget=budget)
             self.passthrough[key] = runtime
         return runtime
 

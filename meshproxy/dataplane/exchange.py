@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 from meshproxy.dataplane.mirror import MAX_MIRROR_BODY
 from meshproxy.dataplane.routing import Redirect, route
-from meshproxy.http1.errors import ProxyError, UpstreamReset
+from meshproxy.http1.errors import Overloaded, ProxyError, Timeout, UpstreamReset
 from meshproxy.http1.events import RequestHead, ResponseHead
 from meshproxy.http1.writer import (
     LAST_CHUNK,
@@ -26,6 +26,15 @@ from meshproxy.http1.writer import (
     response_head_bytes,
 )
 from meshproxy.policy.filters import modify_headers
+from meshproxy.policy.retry import (
+    CONNECT_FAILURE,
+    IDEMPOTENT_METHODS,
+    RESET,
+    TIMEOUT,
+    RetryRule,
+    backoff_delay,
+    retry_reason,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
     from meshproxy.dataplane.destinations import EndpointRuntime, ServiceRuntime
@@ -35,6 +44,8 @@ if TYPE_CHECKING:  # pragma: no cover
 # Request bytes held while the upstream connection is being set up; past this the client is
 # paused rather than buffered without bound.
 PENDING_BODY_LIMIT = 64 * 1024
+# Spec §3: a request body up to this size is kept so that a failed try can be sent again.
+REPLAY_LIMIT = 64 * 1024
 
 
 class RequestIds:
@@ -67,7 +78,9 @@ class Exchange:
         "request_complete", "pending", "pending_bytes", "response", "response_chunked",
         "client_keep_alive", "finished", "request_bytes", "response_bytes", "connect_task",
         "upgrading", "reused_retry_done", "status", "out", "route", "response_modifiers",
-        "mirrors", "mirror_body", "tunnel_pending",
+        "mirrors", "mirror_body", "tunnel_pending", "route_rule", "tried", "retries", "replay",
+        "replay_bytes", "sent", "try_open", "try_timer", "deadline_timer", "retry_timer",
+        "retry_rule", "per_try", "counted", "fresh_only",
     )
 
     def __init__(self, down: "DownstreamConnection", head: RequestHead) -> None:
@@ -103,6 +116,22 @@ class Exchange:
         self.response_modifiers: list = []  # ResponseHeaderModifier filters of the route
         self.mirrors: list = []  # Services that get a copy of this request (RequestMirror)
         self.mirror_body: list | None = None  # the body kept for the copies, up to 64 KiB
+        # Resilience (outbound): the matched route rule, endpoints tried, retries made, the
+        # body kept for replay (None once it outgrew REPLAY_LIMIT), and the timers.
+        self.route_rule = None
+        self.tried: set | None = None
+        self.retries = 0
+        self.replay: list | None = None
+        self.replay_bytes = 0
+        self.sent = False  # this try's head was written upstream
+        self.try_open = False  # between a try's balancer start and its outcome
+        self.try_timer: asyncio.TimerHandle | None = None
+        self.deadline_timer: asyncio.TimerHandle | None = None
+        self.retry_timer: asyncio.TimerHandle | None = None
+        self.retry_rule: RetryRule | None = None
+        self.per_try: float | None = None
+        self.counted = False  # counted in the Service's requests in flight (maxRequests)
+        self.fresh_only = False  # the next try must open a new connection
 
     # -- starting ---------------------------------------------------------------------------
 
@@ -119,9 +148,38 @@ class Exchange:
                 if self.mirrors:
                     self._start_mirrors()
             self.service = service
+            self._begin(service)
             self._attempt()
         except ProxyError as exc:
             self.fail(exc)
+
+    def _begin(self, service: "ServiceRuntime") -> None:
+        """Limits, the retry rule and budget, and the request timeout for this request."""
+        if service.active >= service.max_requests:
+            raise Overloaded(f"{service.key}: {service.max_requests} requests in flight")
+        service.active += 1
+        self.counted = True
+        budget = service.budget
+        if budget is None:
+            return  # inbound: the local app gets neither retries nor timeouts
+        budget.record_request()
+        rule = service.retry_rule
+        timeout, per_try = service.request_timeout, service.per_try_timeout
+        route_rule = self.route_rule
+        if route_rule is not None:
+            if route_rule.retry is not None:
+                rule = RetryRule.from_policy(service.policy.retry, route_rule.retry)
+            if route_rule.timeouts is not None:
+                if route_rule.timeouts.request is not None:
+                    timeout = route_rule.timeouts.request
+                if route_rule.timeouts.backend_request is not None:
+                    per_try = route_rule.timeouts.backend_request
+        self.retry_rule = rule
+        self.per_try = per_try
+        if rule.attempts > 0 and self.head.has_body and not self.upgrading:
+            self.replay = []
+        if timeout:
+            self.deadline_timer = self.down.loop.call_later(timeout, self._request_timed_out)
 
     def _start_mirrors(self) -> None:
         if not self.head.has_body:
@@ -155,24 +213,41 @@ class Exchange:
         self._finish()
 
     def _attempt(self) -> None:
-        endpoint = self.endpoint = self.service.pick()
+        """Start one try: pick an endpoint (not one tried already, where there is another),
+        then an idle connection to it or a new one. Raises ProxyError."""
+        service = self.service
+        endpoint = self.endpoint = service.pick(self.tried)
         self.started_at = endpoint.load.start()
-        conn = endpoint.pool.take_idle()
+        self.try_open = True
+        self.sent = False
+        if self.per_try:
+            self.try_timer = self.down.loop.call_later(self.per_try, self._try_timed_out)
+        conn = None if self.fresh_only else endpoint.pool.take_idle()
+        self.fresh_only = False
         if conn is not None:
             self._attach(conn)
-        else:
-            self.connect_task = self.down.loop.create_task(self._connect(endpoint))
+            return
+        if service.budget is not None and (
+            service.connecting >= service.max_pending
+            or service.open_connections() >= service.max_connections
+        ):
+            raise Overloaded(f"{service.key}: connection limit reached")
+        self.connect_task = self.down.loop.create_task(self._connect(endpoint))
 
     async def _connect(self, endpoint: "EndpointRuntime") -> None:
+        service = self.service
+        service.connecting += 1
         try:
             conn = await endpoint.pool.connect()
         except ProxyError as exc:
             self.connect_task = None
             if not self.finished:
-                self.fail(exc)
+                self._try_failed(exc, CONNECT_FAILURE)
             return
         except asyncio.CancelledError:
             return
+        finally:
+            service.connecting -= 1
         self.connect_task = None
         if self.finished:
             endpoint.pool.release(conn)
@@ -181,6 +256,7 @@ class Exchange:
 
     def _attach(self, conn: "UpstreamConnection") -> None:
         self.upstream = conn
+        self.sent = True
         conn.exchange = self
         conn.requests += 1
         if self.down._writing_paused:
@@ -221,6 +297,12 @@ class Exchange:
                 if self.pending_bytes > PENDING_BODY_LIMIT:
                     self.down.pause_reading(self.down.PAUSE_BUFFER)
             return
+        if self.replay is not None:
+            self.replay_bytes += len(data)
+            if self.replay_bytes <= REPLAY_LIMIT:
+                self.replay.append(data)
+            else:
+                self.replay = None  # past the retry buffer: not retried once bytes were sent
         if self.mirror_body is not None:
             self.mirror_body.append(data)
             if len(self.mirror_body) > 1 and sum(map(len, self.mirror_body)) > MAX_MIRROR_BODY:
@@ -264,6 +346,18 @@ class Exchange:
         if head.informational:
             self.out.append(informational_bytes(head))
             return
+        if self.try_open:
+            if head.status >= 500 and self.service.budget is not None:
+                reason = self._retry_reason(str(head.status))
+                if reason is not None:
+                    # Not forwarded: this response is dropped with its connection.
+                    conn, self.upstream = self.upstream, None
+                    conn.exchange = None
+                    conn.abort()
+                    self._end_try(False)
+                    self._schedule_retry(reason)
+                    return
+            self._end_try(head.status < 500)
         self.response = head
         self.status = head.status
         for modifier in self.response_modifiers:
@@ -345,37 +439,156 @@ class Exchange:
 
     def upstream_failed(self, error: ProxyError, reset: bool = False) -> None:
         """The upstream broke the protocol or the connection mid-exchange."""
-        conn, self.upstream = self.upstream, None
-        if conn is not None:
-            conn.exchange = None
-            conn.abort()
         if self.finished:
+            conn, self.upstream = self.upstream, None
+            if conn is not None:
+                conn.exchange = None
+                conn.abort()
             return
         if self.response is None:
-            self.fail(UpstreamReset(str(error)) if reset else error)
+            self._try_failed(UpstreamReset(str(error)) if reset else error, RESET)
         else:
+            conn, self.upstream = self.upstream, None
+            if conn is not None:
+                conn.exchange = None
+                conn.abort()
             self._abort_client()
 
     def upstream_lost(self) -> None:
         """The upstream connection closed while this exchange was using it."""
+        conn = self.upstream
+        if self.finished:
+            self.upstream = None
+            return
+        if self.response is not None:
+            self.upstream = None
+            self._abort_client()
+            return
+        if (conn is not None and conn.requests > 1 and not self.reused_retry_done
+                and not self.upgrading and self._replayable()
+                and (self.retry_rule is None or self.retry_rule.non_idempotent
+                     or self.head.method.decode("latin-1") in IDEMPOTENT_METHODS)):
+            # A reused keep-alive connection that the server had just closed (the idle
+            # race): the app did not take the request, so it goes once more on a fresh
+            # connection, without counting as a retry or against the endpoint.
+            self.upstream = None
+            self.reused_retry_done = True
+            self._end_try(None)
+            self.fresh_only = True
+            self._retry()
+            return
+        self._try_failed(UpstreamReset("upstream closed before responding"), RESET)
+
+    def _replayable(self) -> bool:
+        return not self.head.has_body or (self.replay is not None and self.request_complete)
+
+    def _try_failed(self, error: ProxyError, kind: str) -> None:
+        """A try failed before any of its response reached the client: retry it when the
+        rules and the budget allow, else answer with `error`."""
         conn, self.upstream = self.upstream, None
+        if conn is not None:
+            conn.exchange = None
+            conn.abort()
+        if self.connect_task is not None:
+            self.connect_task.cancel()
+            self.connect_task = None
+        self._end_try(False)
+        if self.finished:
+            return
+        reason = self._retry_reason(kind)
+        if reason is None:
+            self.fail(error)
+            return
+        self._schedule_retry(reason)
+
+    def _retry_reason(self, kind: str) -> str | None:
+        rule = self.retry_rule
+        if rule is None or self.retries >= rule.attempts or self.upgrading:
+            return None
+        replayable = not self.head.has_body or self.replay is not None
+        reason = retry_reason(rule, self.head.method.decode("latin-1"), kind,
+                              request_sent=self.sent, replayable=replayable)
+        if reason is None:
+            return None
+        service = self.service
+        if not service.budget.try_retry():
+            self.down.metrics.retry_budget_exhausted(service.key)
+            return None
+        return reason
+
+    def _schedule_retry(self, reason: str) -> None:
+        if self.tried is None:
+            self.tried = set()
+        self.tried.add(self.endpoint.key)
+        self.retries += 1
+        self.down.metrics.retry(self.service.key, reason)
+        rule = self.retry_rule
+        delay = backoff_delay(self.retries - 1, rule.backoff_base, rule.backoff_max,
+                              self.down.listener.rng)
+        self.retry_timer = self.down.loop.call_later(delay, self._retry)
+
+    def _retry(self) -> None:
+        self.retry_timer = None
+        if self.finished:
+            return
+        if self.sent:
+            # The failed try took the body received so far: send the kept copy again.
+            self.pending = list(self.replay) if self.replay else []
+            self.pending_bytes = sum(map(len, self.pending))
+        try:
+            self._attempt()
+        except ProxyError as exc:
+            self.fail(exc)
+
+    def _end_try(self, success: bool | None) -> None:
+        """Close the current try's books: balancer load, per-try timer, and (success not
+        None) the circuit breaker's record of the endpoint."""
+        if not self.try_open:
+            return
+        self.try_open = False
+        endpoint = self.endpoint
+        endpoint.load.finish(self.started_at)
+        if self.try_timer is not None:
+            self.try_timer.cancel()
+            self.try_timer = None
+        breaker = self.service.breaker
+        if breaker is not None and success is not None:
+            was_ready = breaker.all_ready
+            if breaker.record(endpoint.key, success):
+                self.down.metrics.endpoint_ejected(self.service.key, endpoint.key)
+                was_ready = not breaker.all_ready  # force the gauge update below
+            if was_ready != breaker.all_ready or not breaker.all_ready:
+                self.down.metrics.set_endpoints(self.service.key, *breaker.counts())
+
+    def _try_timed_out(self) -> None:
+        self.try_timer = None
+        if self.finished or self.response is not None or not self.try_open:
+            return
+        self._try_failed(Timeout("per-try timeout"), TIMEOUT)
+
+    def _request_timed_out(self) -> None:
+        self.deadline_timer = None
         if self.finished:
             return
         if self.response is None:
-            if (conn is not None and conn.requests > 1 and not self.reused_retry_done
-                    and self.request_complete and not self.head.has_body and not self.upgrading):
-                # A reused keep-alive connection that the server had just closed (the idle
-                # race): nothing reached the app, so try once more on a fresh connection.
-                self.reused_retry_done = True
-                self.endpoint.load.finish(self.started_at)
-                try:
-                    self._attempt()
-                except ProxyError as exc:
-                    self.fail(exc)
-                return
-            self.fail(UpstreamReset("upstream closed before responding"))
+            self._end_try(False)
+            self.fail(Timeout("request timeout"))
         else:
+            conn, self.upstream = self.upstream, None
+            if conn is not None:
+                conn.exchange = None
+                conn.abort()
             self._abort_client()
+
+    def _cancel_timers(self) -> None:
+        for name in ("try_timer", "deadline_timer", "retry_timer"):
+            timer = getattr(self, name)
+            if timer is not None:
+                timer.cancel()
+                setattr(self, name, None)
+        if self.connect_task is not None:
+            self.connect_task.cancel()
+            self.connect_task = None
 
     def fail(self, error: ProxyError) -> None:
         """End the exchange with the proxy's own error response (spec §4)."""
@@ -408,21 +621,25 @@ class Exchange:
         if self.finished:
             return
         self.finished = True
-        if self.connect_task is not None:
-            self.connect_task.cancel()
+        self._cancel_timers()
         conn, self.upstream = self.upstream, None
         if conn is not None:
             conn.exchange = None
             conn.abort()
-        if self.endpoint is not None:
-            self.endpoint.load.finish(self.started_at)
+        self._end_try(None)
+        if self.counted:
+            self.counted = False
+            self.service.active -= 1
 
     # -- the end --------------------------------------------------------------------------------
 
     def _record(self) -> None:
-        endpoint = self.endpoint
-        if endpoint is not None:
-            endpoint.load.finish(self.started_at)
+        self._end_try(None)
+        if self.deadline_timer is not None or self.retry_timer is not None:
+            self._cancel_timers()
+        if self.counted:
+            self.counted = False
+            self.service.active -= 1
         down = self.down
         service = self.service.key if self.service is not None else "unknown"
         down.metrics.request_finished(

@@ -49,6 +49,7 @@ def route(exchange: "Exchange", parent: "ServiceRuntime") -> "ServiceRuntime | R
         raise NoRoute(f"no route of {parent.key} matches")
     rule, prefix = found
     exchange.route = rule.label
+    exchange.route_rule = rule.rule  # its timeouts and retry override the Service's policy
     redirect = _apply(exchange, rule.rule.filters, prefix, parent)
     if redirect is not None:
         return redirect

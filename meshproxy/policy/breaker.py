@@ -187,6 +187,11 @@ class CircuitBreaker:
             usable.append(probe)
         return usable
 
+    @property
+    def all_ready(self) -> bool:
+        """True when no endpoint is ejected or probing (the common case, checked per request)."""
+        return not (self._ejected or self._probing)
+
     def probe_started(self, key: str) -> None:
         """Notes that a request was sent to `key` while it is PROBING, so no other request is
         offered it until `record()` gives the probe's outcome. Does nothing for an endpoint in

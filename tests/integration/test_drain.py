@@ -24,6 +24,10 @@ def refused(port: int) -> bool:
         socket.create_connection(("127.0.0.1", port), timeout=1).close()
     except ConnectionRefusedError:
         return True
+    except ConnectionResetError:
+        # A connection that raced the listener's close (accepted into the kernel's backlog,
+        # then reset): not an answer yet; the next attempt tells.
+        return False
     return False
 
 
@@ -71,7 +75,7 @@ def test_drain_finishes_in_flight_requests_and_exits(proxy_factory, backend, loo
 
     # New connections are refused at once; idle keep-alive connections are closed.
     wait_for(lambda: refused(proxy.outbound), timeout=3, what="the outbound port to refuse")
-    assert refused(proxy.inbound)
+    wait_for(lambda: refused(proxy.inbound), timeout=3, what="the inbound port to refuse")
     assert idle.at_eof(timeout=3)
     idle.close()
 
