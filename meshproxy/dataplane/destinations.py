@@ -212,6 +212,11 @@ class Destinations:
             if ident not in endpoints:
                 endpoint.pool.close_idle()
         self._endpoints = endpoints
+        for key in self.services.keys() - services.keys():
+            self.metrics.remove_endpoints(key)
+        for key, runtime in services.items():
+            if runtime.breaker is not None and runtime.endpoints:
+                self.metrics.set_endpoints(key, *runtime.breaker.counts())
         self.services = services
         self.snapshot = snapshot
         for runtime in self.passthrough.values():
