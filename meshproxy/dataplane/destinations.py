@@ -129,6 +129,16 @@ class ServiceRuntime:
         """Upstream connections open to this Service's endpoints (maxConnections)."""
         return sum(e.pool.open_count for e in self.endpoints)
 
+    def free_idle_connection(self) -> bool:
+        """Close the longest-idle connection to any of the endpoints, making room under
+        maxConnections for a new one; return False when no connection is idle."""
+        oldest = None
+        for e in self.endpoints:
+            idle = e.pool.idle
+            if idle and (oldest is None or idle[0].idle_since < oldest.idle[0].idle_since):
+                oldest = e.pool
+        return oldest is not None and oldest.close_oldest_idle()
+
     def to_json(self, now: float) -> dict:
         endpoints = []
         for e in self.endpoints:

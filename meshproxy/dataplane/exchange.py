@@ -25,6 +25,7 @@ from meshproxy.http1.writer import (
     request_head_bytes,
     response_head_bytes,
 )
+from meshproxy.policy.breaker import PROBING
 from meshproxy.policy.filters import modify_headers
 from meshproxy.policy.retry import (
     CONNECT_FAILURE,
@@ -80,7 +81,7 @@ class Exchange:
         "upgrading", "reused_retry_done", "status", "out", "route", "response_modifiers",
         "mirrors", "mirror_body", "tunnel_pending", "route_rule", "tried", "retries", "replay",
         "replay_bytes", "sent", "try_open", "try_timer", "deadline_timer", "retry_timer",
-        "retry_rule", "per_try", "counted", "fresh_only",
+        "retry_rule", "per_try", "counted", "fresh_only", "probe",
     )
 
     def __init__(self, down: "DownstreamConnection", head: RequestHead) -> None:
@@ -132,6 +133,7 @@ class Exchange:
         self.per_try: float | None = None
         self.counted = False  # counted in the Service's requests in flight (maxRequests)
         self.fresh_only = False  # the next try must open a new connection
+        self.probe = False  # this try is the half-open probe of an ejected endpoint
 
     # -- starting ---------------------------------------------------------------------------
 
@@ -176,7 +178,10 @@ class Exchange:
                     per_try = route_rule.timeouts.backend_request
         self.retry_rule = rule
         self.per_try = per_try
-        if rule.attempts > 0 and self.head.has_body and not self.upgrading:
+        head = self.head
+        if (rule.attempts > 0 and head.has_body and not self.upgrading
+                and (head.content_length is None or head.content_length <= REPLAY_LIMIT)):
+            # A body announced larger than the buffer could never be sent whole again.
             self.replay = []
         if timeout:
             self.deadline_timer = self.down.loop.call_later(timeout, self._request_timed_out)
@@ -217,6 +222,10 @@ class Exchange:
         then an idle connection to it or a new one. Raises ProxyError."""
         service = self.service
         endpoint = self.endpoint = service.pick(self.tried)
+        breaker = service.breaker
+        if breaker is not None and not breaker.all_ready:
+            # pick() hands out a PROBING endpoint only as its probe.
+            self.probe = breaker.health(endpoint.key).state == PROBING
         self.started_at = endpoint.load.start()
         self.try_open = True
         self.sent = False
@@ -229,7 +238,10 @@ class Exchange:
             return
         if service.budget is not None and (
             service.connecting >= service.max_pending
-            or service.open_connections() >= service.max_connections
+            # Connections being opened count too, or a burst would open past the limit; idle
+            # ones (to other endpoints) give way to the one this request needs.
+            or (service.open_connections() + service.connecting >= service.max_connections
+                and not service.free_idle_connection())
         ):
             raise Overloaded(f"{service.key}: connection limit reached")
         self.connect_task = self.down.loop.create_task(self._connect(endpoint))
@@ -265,11 +277,11 @@ class Exchange:
             conn.transport.pause_reading()
         head = self.head
         conn.reader.expect(head.method == b"HEAD")
-        extra = None
         if head.request_id is None:
             head.request_id = self.down.listener.request_ids()
-            extra = [(b"x-request-id", head.request_id)]
-        parts = [request_head_bytes(head, self.target, extra, upgrade=self.upgrading)]
+            # Kept in the head, so that a retry sends the same id as the first try.
+            head.headers.append((b"x-request-id", head.request_id))
+        parts = [request_head_bytes(head, self.target, upgrade=self.upgrading)]
         if self.pending:
             pending, self.pending = self.pending, []
             # What is left counted is held tunnel bytes (tunnel_pending), if any.
@@ -505,7 +517,12 @@ class Exchange:
         rule = self.retry_rule
         if rule is None or self.retries >= rule.attempts or self.upgrading:
             return None
-        replayable = not self.head.has_body or self.replay is not None
+        # The body can be sent again only if all of it will be in the buffer: it is complete,
+        # or its announced length fits. A chunked body still arriving may yet outgrow it, and
+        # the bytes received while the retry waits would then be lost.
+        head = self.head
+        replayable = not head.has_body or (self.replay is not None and (
+            self.request_complete or head.content_length is not None))
         reason = retry_reason(rule, self.head.method.decode("latin-1"), kind,
                               request_sent=self.sent, replayable=replayable)
         if reason is None:
@@ -552,6 +569,12 @@ class Exchange:
             self.try_timer.cancel()
             self.try_timer = None
         breaker = self.service.breaker
+        if self.probe:
+            self.probe = False
+            if success is None:
+                # No outcome (the client left, or the request goes elsewhere): the probe
+                # must not keep the endpoint out until it is given up as lost.
+                breaker.probe_abandoned(endpoint.key)
         if breaker is not None and success is not None:
             was_ready = breaker.all_ready
             if breaker.record(endpoint.key, success):
@@ -635,7 +658,8 @@ class Exchange:
 
     def _record(self) -> None:
         self._end_try(None)
-        if self.deadline_timer is not None or self.retry_timer is not None:
+        if (self.deadline_timer is not None or self.retry_timer is not None
+                or self.connect_task is not None):
             self._cancel_timers()
         if self.counted:
             self.counted = False

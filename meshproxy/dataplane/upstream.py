@@ -206,6 +206,16 @@ class ConnectionPool:
         if self._sweep is None:
             self._sweep = self.loop.call_later(self.idle_timeout, self._sweep_idle)
 
+    def close_oldest_idle(self) -> bool:
+        """Close the connection that has been idle longest; return False when none is idle."""
+        idle = self.idle
+        while idle:
+            conn = idle.pop(0)  # newest last: the first is the oldest
+            if not conn.closed:
+                conn.close()
+                return True
+        return False
+
     def forget(self, conn: UpstreamConnection) -> None:
         """A connection closed: drop it from the idle list if it is there."""
         self.open_count -= 1

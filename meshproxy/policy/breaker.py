@@ -19,6 +19,7 @@ States of one endpoint, and what moves them (`now` is the injected clock):
 | PROBING | probe_started()                            | PROBING    | not offered while in flight |
 | PROBING | record() of the probe: success             | READY      | ejections -= 1              |
 | PROBING | record() of the probe: failure             | EJECTED    | doubled time; True          |
+| PROBING | probe_abandoned() (no outcome)             | PROBING    | offered again at once       |
 | EJECTED | record() (a request sent before ejection)  | EJECTED    | ignored                     |
 
 Ejection time: `base * 2**ejections`, capped at `max`, times a jitter factor in [0.9, 1.1)
@@ -200,6 +201,16 @@ class CircuitBreaker:
         if health is not None and health.state == PROBING and not health.probe_in_flight:
             health.probe_in_flight = True
             health.ejected_until = self._clock() + self._max
+
+    def probe_abandoned(self, key: str) -> None:
+        """Notes that the probe sent to `key` ended without an outcome (its client went away,
+        or it was sent elsewhere), so that the next request may probe `key` at once rather
+        than after `max_ejection`. Does nothing unless `key` is PROBING with a probe in
+        flight."""
+        health = self._endpoints.get(key)
+        if health is not None and health.state == PROBING and health.probe_in_flight:
+            health.probe_in_flight = False
+            health.ejected_until = self._clock()
 
     def record(self, key: str, success: bool) -> bool:
         """Records the outcome of one request to `key`; returns True when this outcome ejected

@@ -4,4 +4,6 @@
 - `rawbackend.RawBackend`: a TCP server that records raw bytes and answers as it is told.
 - `proxy.ProxyProcess` / `proxy.mesh_yaml`: a `meshproxy proxy` subprocess on free ports.
 - `rawhttp`: blocking sockets, request bytes and a response reader that shows the wire.
+- `faults.FaultyBackend` / `faults.KeepAliveCloser`: backends that fail, stall or close
+  keep-alive connections on purpose (the resilience tests).
 """
