@@ -125,6 +125,10 @@ class ServiceRuntime:
                 return endpoint
         raise AssertionError("balancer returned an unknown endpoint")  # pragma: no cover
 
+    def connect_ended(self, task) -> None:
+        """Done callback of a connect task: it no longer counts as being opened."""
+        self.connecting -= 1
+
     def open_connections(self) -> int:
         """Upstream connections open to this Service's endpoints (maxConnections)."""
         return sum(e.pool.open_count for e in self.endpoints)

@@ -720,12 +720,15 @@ def test_max_connections_holds_for_a_burst(proxy, b):
     """Connections still being opened count: a burst cannot open past the limit."""
     good = b["good"]
     t = tag()
+    # The slow answers outlast the burst by far, so no request of it can find a connection
+    # that a finished one gave back (a thread starting late on a loaded machine could,
+    # with a short one).
     with ThreadPoolExecutor(6) as pool:
-        answers = list(pool.map(lambda i: call(proxy, "burst-limited", f"/slow/1500?{t}-{i}"),
+        answers = list(pool.map(lambda i: call(proxy, "burst-limited", f"/slow/4000?{t}-{i}"),
                                 range(6)))
     assert sorted(r.status_code for r in answers) == [200, 200, 503, 503, 503, 503]
     assert all(is_proxy_error(r, 503, "overloaded") for r in answers if r.status_code == 503)
-    assert len(good.requests(f"/slow/1500?{t}")) == 2
+    assert len(good.requests(f"/slow/4000?{t}")) == 2
 
 
 # --- the idle race -------------------------------------------------------------------------------
