@@ -79,8 +79,9 @@ class _HeadCollector:
     def on_body(self, body: bytes) -> None:
         self._events.append(body)
 
-    def _too_large(self) -> Exception:  # pragma: no cover - overridden
-        raise NotImplementedError
+    def _too_large(self) -> Exception:
+        """The error for a head over the limit; each direction names its own."""
+        return HeadersTooLarge(f"head over {self._max_head} bytes")
 
 
 class RequestReader(_HeadCollector):
