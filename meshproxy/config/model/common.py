@@ -6,6 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator, Mapping
 
+from meshproxy.config.diagnostics import Pos
+
 ROOT_NAMESPACE = "meshproxy-system"
 DEFAULT_NAMESPACE = "default"
 DEFAULT_TRUST_DOMAIN = "cluster.local"
@@ -51,16 +53,8 @@ class FrozenMap(Mapping[str, str]):
         return f"FrozenMap({self._data!r})"
 
 
-@dataclass(frozen=True)
-class Source:
-    """Where a resource's document starts: file and 1-based line and column (0 when unknown)."""
-
-    file: str
-    line: int = 0
-    col: int = 0
-
-    def __str__(self) -> str:
-        return f"{self.file}:{self.line}:{self.col}" if self.line else self.file
+# Where a resource's document starts: the same kind of place a diagnostic points at.
+Source = Pos
 
 
 @dataclass(frozen=True)
