@@ -47,8 +47,9 @@ class UpstreamConnection(asyncio.Protocol):
     # asyncio.Protocol --------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # meshproxy_tcp_connections_open counts client connections per listener (spec §6:
+        # direction inbound/outbound); upstream connections show per endpoint on /endpoints.
         self.transport = transport  # type: ignore[assignment]
-        self.pool.metrics.connection_opened("upstream", False)
 
     def data_received(self, data: bytes) -> None:
         peer = self.tunnel_peer
@@ -105,7 +106,6 @@ class UpstreamConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
-        self.pool.metrics.connection_closed("upstream", False)
         self.pool.forget(self)
         peer, self.tunnel_peer = self.tunnel_peer, None
         if peer is not None:

@@ -8,6 +8,14 @@ head that nothing changes is forwarded byte for byte.
 from __future__ import annotations
 
 
+def first_value(headers: list, name: bytes) -> bytes | None:
+    """Return the first value of field `name` (lower-case bytes) in (name, value) pairs."""
+    for key, value in headers:
+        if key.lower() == name:
+            return value
+    return None
+
+
 class RequestHead:
     """A request line and its end-to-end headers (hop-by-hop ones already taken out).
 
@@ -42,10 +50,7 @@ class RequestHead:
 
     def header(self, name: bytes) -> bytes | None:
         """Return the first value of header `name` (lower-case bytes), or None."""
-        for key, value in self.headers:
-            if key.lower() == name:
-                return value
-        return None
+        return first_value(self.headers, name)
 
     def __repr__(self) -> str:
         return f"RequestHead({self.method!r} {self.target!r} HTTP/{self.version})"
@@ -79,10 +84,7 @@ class ResponseHead:
 
     def header(self, name: bytes) -> bytes | None:
         """Return the first value of header `name` (lower-case bytes), or None."""
-        for key, value in self.headers:
-            if key.lower() == name:
-                return value
-        return None
+        return first_value(self.headers, name)
 
     def __repr__(self) -> str:
         return f"ResponseHead({self.status} {self.reason!r})"
