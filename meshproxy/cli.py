@@ -46,7 +46,7 @@ def _add_proxy(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--config", nargs="+", metavar="PATH", default=None,
                    help="standalone mode: YAML files or folders to read (no control plane)")
     p.add_argument("--control", metavar="URL", default=_env_default("control", None),
-                   help="control-plane URL (comes with the control-plane issue)")
+                   help="control-plane URL, e.g. http://127.0.0.1:15010 (env MESHPROXY_CONTROL)")
     for name, port in DEFAULT_PORTS.items():
         flag = "--" + name.replace("_", "-")
         p.add_argument(flag, type=int, default=_env_default(name, port), metavar="PORT")
@@ -65,6 +65,27 @@ def _add_proxy(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--log-level", default=_env_default("log_level", "info"),
                    choices=["debug", "info", "warning", "error"])
     p.add_argument("--no-uvloop", action="store_true", help="use the standard asyncio loop")
+
+
+def _add_control(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "control",
+        help="run the control plane",
+        description="Watch the configuration (YAML files and folders, and with --kubernetes the "
+        "cluster's Services, EndpointSlices, Pods, HTTPRoutes and meshproxy.io resources) and "
+        "serve each proxy its view of it. An invalid change is refused and the last valid "
+        "configuration stays in force.",
+    )
+    p.add_argument("--config", nargs="+", metavar="PATH", default=None,
+                   help="YAML files or folders (a Mesh's policy files are followed)")
+    p.add_argument("--listen", metavar="ADDR", default=None,
+                   help="HOST:PORT to serve on (default: the Mesh's controlPlane.listen, "
+                   "else 127.0.0.1:15010)")
+    p.add_argument("--kubernetes", action="store_true",
+                   help="discover Services and policies from the Kubernetes API server")
+    p.add_argument("--kubeconfig", default=None, help="kubeconfig file (default: in-cluster)")
+    p.add_argument("--log-level", default=_env_default("log_level", "info"),
+                   choices=["debug", "info", "warning", "error"])
 
 
 def _add_check(sub: argparse._SubParsersAction) -> None:
@@ -97,8 +118,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"meshproxy {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_up(sub)
+    _add_control(sub)
     _add_proxy(sub)
     _add_check(sub)
+    from meshproxy import stat_cli
+    from meshproxy.demo import load as demo_load
+
+    stat_cli.add_parser(sub)
+    demo_load.add_parser(sub)
     return parser
 
 
@@ -112,6 +139,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         from meshproxy.dataplane.server import run_proxy
 
         return run_proxy(args)
+    if args.command == "control":
+        from meshproxy.control.run import run_control
+
+        return run_control(args)
+    if args.command == "stat":
+        from meshproxy import stat_cli
+
+        return stat_cli.run(args)
+    if args.command == "demo":
+        from meshproxy.demo import load as demo_load
+
+        return demo_load.run(args)
     if args.command == "check":
         from meshproxy.config.check import run_check
 

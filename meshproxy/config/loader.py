@@ -17,7 +17,7 @@ from meshproxy.config.model import Mesh, Resource, Service
 from meshproxy.config.parse import Parsed, parse_document
 from meshproxy.config.snapshot import Snapshot
 from meshproxy.config.validate import cross_check
-from meshproxy.config.yamlsource import YNode, from_python, parse_yaml
+from meshproxy.config.yamlsource import YNode, from_python, parse_yaml, to_python
 
 YAML_SUFFIXES = (".yaml", ".yml")
 
@@ -30,6 +30,8 @@ class LoadResult:
     resources: tuple[Resource, ...]
     errors: tuple[Diagnostic, ...]
     warnings: tuple[Diagnostic, ...]
+    # Each resource's document as written (plain data, no positions), same order as `resources`.
+    documents: tuple[dict, ...] = ()
 
     @property
     def ok(self) -> bool:
@@ -119,8 +121,10 @@ def load(paths: Sequence[str]) -> LoadResult:
     order = files.ordered()
     parsed = [p for file in order for p in parsed_by_file[file]]
     cross_check(parsed, diags)
-    resources = tuple(p.resource for p in parsed if p.ok and p.resource is not None)
-    return LoadResult(tuple(order), resources, tuple(diags.errors), tuple(diags.warnings))
+    kept = [p for p in parsed if p.ok and p.resource is not None]
+    resources = tuple(p.resource for p in kept)
+    documents = tuple(to_python(p.node) for p in kept)
+    return LoadResult(tuple(order), resources, tuple(diags.errors), tuple(diags.warnings), documents)
 
 
 def _add_policies(p: Parsed, mesh: Mesh, mesh_file: str, files: _Files) -> None:
@@ -152,21 +156,24 @@ def load_text(text: str, file: str = "<config>") -> Snapshot:
     return _snapshot(parse_yaml(text, file, diags), diags, (file,), None)
 
 
-def load_objects(objects: Iterable[Any], source: str = "<api>", services: Iterable[Service] | None = None) -> Snapshot:
-    """Return the Snapshot of plain objects (dicts as a Kubernetes API server returns them);
-    `services`, when given, replace a Mesh's (discovery from Services and EndpointSlices).
+def load_objects(objects: Iterable[Any], source: str = "<api>", services: Iterable[Service] | None = None,
+                 version: str | None = None) -> Snapshot:
+    """Return the Snapshot of plain objects (dicts as a Kubernetes API server returns them, or
+    documents a control plane sent); `services`, when given, replace a Mesh's (discovery from
+    Services and EndpointSlices); `version`, when given, is the Snapshot's version (the control
+    plane's, so every proxy shows the same one).
 
     Diagnostics name `source` without a line. Raises ConfigError when anything is wrong.
     """
     diags = Diagnostics()
-    return _snapshot([from_python(o, source) for o in objects], diags, (), services)
+    return _snapshot([from_python(o, source) for o in objects], diags, (), services, version)
 
 
 def _snapshot(docs: list[YNode], diags: Diagnostics, files: tuple[str, ...],
-              services: Iterable[Service] | None) -> Snapshot:
+              services: Iterable[Service] | None, version: str | None = None) -> Snapshot:
     parsed = [parse_document(doc, diags) for doc in docs]
     cross_check(parsed, diags)
     if diags.errors:
         raise ConfigError(diags.errors, diags.warnings)
     resources = tuple(p.resource for p in parsed if p.resource is not None)
-    return Snapshot(resources, warnings=tuple(diags.warnings), files=files, services=services)
+    return Snapshot(resources, warnings=tuple(diags.warnings), files=files, services=services, version=version)

@@ -73,8 +73,10 @@ class Snapshot:
         warnings: Iterable[Diagnostic] = (),
         files: Iterable[str] = (),
         services: Iterable[Service] | None = None,
+        version: str | None = None,
     ) -> None:
-        """`services` replaces the Mesh's Services (Kubernetes discovery gives them)."""
+        """`services` replaces the Mesh's Services (Kubernetes discovery gives them); `version`
+        replaces the content hash (a proxy shows the control plane's version)."""
         self.resources: tuple[Resource, ...] = tuple(resources)
         self.warnings: tuple[Diagnostic, ...] = tuple(warnings)
         self.files: tuple[str, ...] = tuple(files)
@@ -86,7 +88,7 @@ class Snapshot:
         self.trust_domain: str = self.mesh.trust_domain if self.mesh else DEFAULT_TRUST_DOMAIN
         # Services a caller gives (not from the Mesh, which is among the resources) count too.
         extra = sorted(service_list, key=lambda s: s.key) if given else []
-        self.version: str = content_version([*self.resources, *extra])
+        self.version: str = version or content_version([*self.resources, *extra])
         self._traffic = _Scoped(r for r in self.resources if isinstance(r, TrafficPolicy))
         self._peer = _Scoped(r for r in self.resources if isinstance(r, PeerAuthentication))
         self._authz = _Scoped(r for r in self.resources if isinstance(r, AuthorizationPolicy))

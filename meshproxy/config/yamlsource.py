@@ -147,3 +147,13 @@ def from_python(value: Any, file: str) -> YNode:
     if isinstance(value, (list, tuple)):
         return YSeq(pos, tuple(from_python(v, file) for v in value))
     return YScalar(pos, value)
+
+
+def to_python(node: YNode) -> Any:
+    """Return the plain data of a node (dicts, lists, scalars): the document as written, without
+    positions. The inverse of `from_python`; the control plane sends documents in this form."""
+    if isinstance(node, YMap):
+        return {key: to_python(entry.value) for key, entry in node.entries.items()}
+    if isinstance(node, YSeq):
+        return [to_python(item) for item in node.items]
+    return node.value

@@ -11,6 +11,8 @@ import sys
 from dataclasses import dataclass, field
 
 from meshproxy.admin import start_servers
+from meshproxy.config import Snapshot
+from meshproxy.dataplane.control_client import ControlClient, watch_target
 from meshproxy.dataplane.destinations import (
     IDLE_TO_APP,
     Destinations,
@@ -55,14 +57,20 @@ class ProxySettings:
 class Proxy:
     """A running sidecar: the AdminState the admin server reads, and the drain logic."""
 
-    def __init__(self, settings: ProxySettings, snapshot, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, settings: ProxySettings, snapshot: Snapshot | None, loop: asyncio.AbstractEventLoop) -> None:
+        """`snapshot` None: wait for the control plane's first one (not ready until then)."""
         self.settings = settings
         self.loop = loop
         self.metrics = ProxyMetrics()
         self.rng = random.Random()
         self.destinations = Destinations(loop, self.metrics, self.rng, loop.time)
-        self.destinations.apply(snapshot)
-        self.metrics.set_config_version(snapshot.version)
+        self.destinations.apply(snapshot or Snapshot())
+        self.has_config = snapshot is not None
+        if snapshot is not None:
+            self.metrics.set_config_version(snapshot.version)
+        self.last_error: dict | None = None
+        self.control: ControlClient | None = None
+        self._inbound_resolver: InboundResolver | None = None
         self.listeners: list[Listener] = []
         self.admin = None
         self.ready = False
@@ -76,12 +84,16 @@ class Proxy:
         return True
 
     def is_ready(self) -> bool:
-        return self.ready and self._draining is None
+        return self.ready and self.has_config and self._draining is None
 
     def config_json(self) -> dict:
         snapshot = self.destinations.snapshot
-        return {"version": snapshot.version, "service": self.settings.service_key,
-                "config": snapshot.to_json()}
+        control = self.control
+        return {"version": snapshot.version if self.has_config else None,
+                "service": self.settings.service_key,
+                "source": {"control": control.url, "connected": control.connected}
+                if control is not None else {"files": list(self.settings.config_paths)},
+                "lastError": self.last_error, "config": snapshot.to_json()}
 
     def endpoints_json(self) -> dict:
         data = self.destinations.to_json()
@@ -94,6 +106,27 @@ class Proxy:
         if self._draining is None:
             self._draining = asyncio.ensure_future(self._drain())
         await asyncio.shield(self._draining)
+
+    # -- configuration changes ------------------------------------------------------------------
+
+    def apply(self, snapshot: Snapshot) -> None:
+        """Put `snapshot` in force in one step; requests in flight finish on the one they
+        started with (they hold their ServiceRuntime)."""
+        self.destinations.apply(snapshot)
+        self.metrics.set_config_version(snapshot.version)
+        self.has_config = True
+        self.last_error = None
+        if self._inbound_resolver is not None:
+            self._inbound_resolver.runtime = self._make_inbound_runtime(self._inbound_runtime)
+            self._inbound_runtime = self._inbound_resolver.runtime
+        log.info("configuration %s in force", snapshot.version)
+
+    def refuse(self, errors: list[str]) -> None:
+        """Report a configuration change that cannot be put in force; the last one stays."""
+        self.metrics.config_error()
+        self.last_error = {"errors": errors}
+        log.error("configuration change refused; keeping version %s:\n  %s",
+                  self.destinations.snapshot.version if self.has_config else "none", "\n  ".join(errors))
 
     # -- life cycle ---------------------------------------------------------------------------
 
@@ -109,9 +142,10 @@ class Proxy:
         )
         s.outbound_port = await outbound.start(s.outbound_bind, s.outbound_port)
         self.listeners.append(outbound)
-        self._inbound_runtime = self._make_inbound_runtime()
+        self._inbound_runtime = self._make_inbound_runtime(None)
+        self._inbound_resolver = InboundResolver(self._inbound_runtime)
         inbound = Listener(
-            self.loop, InboundResolver(self._inbound_runtime), self.metrics, self.rng,
+            self.loop, self._inbound_resolver, self.metrics, self.rng,
             header_timeout=s.header_timeout, idle_timeout=s.client_idle_timeout,
         )
         s.inbound_port = await inbound.start(s.inbound_bind, s.inbound_port)
@@ -121,8 +155,9 @@ class Proxy:
         s.admin_port, s.health_port = self.admin.admin_port, self.admin.health_port
         self.ready = True
 
-    def _make_inbound_runtime(self) -> ServiceRuntime:
-        """The local app as an endpoint: --app-port, else this instance's app in the Mesh."""
+    def _make_inbound_runtime(self, old: ServiceRuntime | None) -> ServiceRuntime:
+        """The local app as an endpoint: --app-port, else this instance's app in the Mesh.
+        An `old` runtime for the same address keeps its endpoint (and pooled connections)."""
         s = self.settings
         host, port = s.app_host, s.app_port
         snapshot = self.destinations.snapshot
@@ -135,7 +170,10 @@ class Proxy:
                 host, port = instances[0].app_host, instances[0].app_port
         policy = snapshot.policy_for(s.service_key)
         endpoints = []
-        if port is not None:
+        reused = old.by_key.get(f"{host}:{port}") if old is not None and port is not None else None
+        if reused is not None:
+            endpoints.append(reused)
+        elif port is not None:
             pool = ConnectionPool(self.loop, host, port, idle_timeout=IDLE_TO_APP,
                                   connect_timeout=policy.connection_pool.connect_timeout,
                                   metrics=self.metrics)
@@ -143,7 +181,7 @@ class Proxy:
             load = EndpointLoad(f"{host}:{port}", lb.default_rtt, lb.decay, self.loop.time)
             endpoints.append(EndpointRuntime(host, port, meshed=False, instance=s.instance or "",
                                              load=load, pool=pool))
-        else:
+        elif self.has_config and (old is None or old.endpoints):
             log.warning("no --app-port and no app address for %s: inbound requests get 503",
                         s.service_key)
         return ServiceRuntime(s.service_key, policy, endpoints, make_balancer("RoundRobin", self.rng))
@@ -173,11 +211,35 @@ class Proxy:
             await self.admin.close()
 
 
-async def serve(settings: ProxySettings, snapshot) -> int:
-    """Run the proxy until SIGTERM/SIGINT or POST /drain has drained it; return 0."""
+async def _follow_files(proxy: Proxy, watcher) -> None:
+    """Standalone mode: every change of the files becomes a new snapshot, or is refused."""
+    async for result in watcher.changes():
+        if result.errors:
+            proxy.refuse([str(e) for e in result.errors])
+        else:
+            proxy.apply(Snapshot(result.resources, warnings=result.warnings, files=result.files))
+
+
+async def serve(settings: ProxySettings, snapshot: Snapshot | None, *, control_url: str | None = None,
+                watcher=None) -> int:
+    """Run the proxy until SIGTERM/SIGINT or POST /drain has drained it; return 0.
+
+    With `control_url` the configuration comes from the control plane (`snapshot` is None);
+    with `watcher` (standalone) from the files it watches."""
     loop = asyncio.get_running_loop()
     proxy = Proxy(settings, snapshot, loop)
     await proxy.start()
+    follower: asyncio.Task | None = None
+    if control_url is not None:
+        proxy.control = ControlClient(
+            control_url, service=settings.service or "unknown", namespace=settings.namespace,
+            instance=settings.instance, inbound_port=settings.inbound_port,
+            admin=f"127.0.0.1:{settings.admin_port}", on_snapshot=proxy.apply,
+            on_refused=proxy.refuse, rng=proxy.rng,
+        )
+        follower = asyncio.ensure_future(proxy.control.run())
+    elif watcher is not None:
+        follower = asyncio.ensure_future(_follow_files(proxy, watcher))
     # Everything made at start-up (modules, configuration) lives as long as the process:
     # keep it out of the collector's scans, and collect young objects less often. Requests
     # allocate many short-lived objects that reference counting frees; collecting them every
@@ -187,12 +249,15 @@ async def serve(settings: ProxySettings, snapshot) -> int:
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, lambda: asyncio.ensure_future(proxy.drain()))
     log.info(
-        "meshproxy proxy %s ready: outbound 127.0.0.1:%d inbound %s:%d admin 127.0.0.1:%d "
-        "health :%d (config %s)", settings.service_key, settings.outbound_port,
+        "meshproxy proxy %s listening: outbound 127.0.0.1:%d inbound %s:%d admin 127.0.0.1:%d "
+        "health :%d (%s)", settings.service_key, settings.outbound_port,
         settings.inbound_bind, settings.inbound_port, settings.admin_port, settings.health_port,
-        snapshot.version,
+        f"config {snapshot.version}" if snapshot is not None else f"control plane {control_url}",
     )
     await proxy.stopped
+    if follower is not None:
+        follower.cancel()
+        await asyncio.gather(follower, return_exceptions=True)
     await proxy.close()
     log.info("drained; exiting")
     return 0
@@ -200,35 +265,47 @@ async def serve(settings: ProxySettings, snapshot) -> int:
 
 def run_proxy(args) -> int:
     """Entry point of `meshproxy proxy` (parsed arguments from meshproxy.cli)."""
-    from meshproxy.config import ConfigError, load_config
+    from meshproxy.config.watch import ConfigWatcher
 
     logging.basicConfig(
         level=args.log_level.upper(), stream=sys.stderr,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    if args.control and not args.config:
-        print("meshproxy proxy: --control (control-plane mode) is not available in this "
-              "version; use --config PATH...", file=sys.stderr)
+    logging.getLogger("watchfiles").setLevel(logging.WARNING)  # we log what a change did instead
+    if args.control and args.config:
+        print("meshproxy proxy: give either --control URL or --config PATH..., not both", file=sys.stderr)
         return 2
-    if not args.config:
-        print("meshproxy proxy: give --config PATH... (standalone mode)", file=sys.stderr)
+    if not args.control and not args.config:
+        print("meshproxy proxy: give --control URL (control plane) or --config PATH... (standalone)",
+              file=sys.stderr)
         return 2
-    try:
-        snapshot = load_config(args.config)
-    except ConfigError as exc:
-        print(str(exc), file=sys.stderr)
-        return 1
+    snapshot, watcher = None, None
+    if args.config:
+        watcher = ConfigWatcher(args.config)
+        result = watcher.load()
+        if result.errors:
+            for error in result.errors:
+                print(error, file=sys.stderr)
+            return 1
+        snapshot = Snapshot(result.resources, warnings=result.warnings, files=result.files)
+    else:
+        try:
+            watch_target(args.control, {})
+        except ValueError as exc:
+            print(f"meshproxy proxy: --control: {exc}", file=sys.stderr)
+            return 2
     settings = ProxySettings(
         service=args.service, namespace=args.namespace, instance=args.instance,
-        config_paths=list(args.config), outbound_bind=args.outbound_bind,
+        config_paths=list(args.config or []), outbound_bind=args.outbound_bind,
         outbound_port=args.outbound_port, inbound_bind=args.inbound_bind,
         inbound_port=args.inbound_port, admin_port=args.admin_port,
         health_port=args.health_port, app_host=args.app_host, app_port=args.app_port,
         drain_timeout=args.drain_timeout, header_timeout=args.header_timeout,
         client_idle_timeout=args.client_idle_timeout,
     )
+    main = serve(settings, snapshot, control_url=args.control, watcher=watcher)
     if not args.no_uvloop:
         import uvloop
 
-        return uvloop.run(serve(settings, snapshot))
-    return asyncio.run(serve(settings, snapshot))
+        return uvloop.run(main)
+    return asyncio.run(main)

@@ -54,7 +54,8 @@ class Supervisor:
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
             start_new_session=True,
         )
-        self.children.append(child)
+        if child not in self.children:
+            self.children.append(child)
         child._pump = asyncio.ensure_future(self._pump_output(child))
 
     async def _pump_output(self, child: Child) -> None:

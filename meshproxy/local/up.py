@@ -1,10 +1,15 @@
 """`meshproxy up [MESH_FILE]`: a whole mesh on this machine, each part its own process.
 
-This first version starts, for every meshed instance of the Mesh file, the instance's command
-(when the file gives one) and a standalone sidecar (`meshproxy proxy --config`) in front of it.
-Sidecars find each other through a copy of the Mesh file written to the state directory with
-every sidecar port filled in. The control plane and mTLS come later; until then sidecars speak
-plaintext whatever the file says about mTLS, and `up` says so.
+It starts the control plane (`meshproxy control` on the Mesh file, which it watches: edit the
+file or its policies and every sidecar follows), then for every meshed instance a sidecar
+(`meshproxy proxy --control URL`) and the instance's command (when the file gives one). Sidecar
+ports come from the file or are picked free; each sidecar tells the control plane its inbound
+port when it starts watching, and the control plane tells the others. `up` waits until every
+part is ready, prints the table, restarts a child that dies (with backoff), and on Ctrl-C or
+SIGTERM drains the sidecars, stops the apps and then the control plane.
+
+mTLS comes with the identity work; until then sidecars speak plaintext whatever the file says
+about mTLS, and `up` says so.
 """
 
 from __future__ import annotations
@@ -18,7 +23,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
 
 from meshproxy.config import ConfigError, load_config
 from meshproxy.local.ports import free_port, port_is_open
@@ -27,6 +31,8 @@ from meshproxy.local.supervisor import Child, Supervisor
 REPO_CONFIG = Path(__file__).resolve().parents[2] / "config"
 READY_TIMEOUT = 30.0
 STOP_TIMEOUT = 30.0  # sidecars drain for up to 25 s (spec §3)
+RESTART_BACKOFF = (1.0, 30.0)  # first delay, longest delay; doubles after each quick death
+STABLE_AFTER = 30.0  # a child that ran this long starts its backoff afresh
 
 
 @dataclass
@@ -86,43 +92,41 @@ def plan(snapshot) -> list[PlannedInstance]:
     return planned
 
 
-def write_resolved_mesh(mesh_file: Path, planned: list[PlannedInstance], state_dir: Path) -> Path:
-    """Copy the Mesh file with every sidecar port filled in and policy paths made absolute."""
-    by_name = {(p.namespace, p.service, p.name): p for p in planned if p.meshed}
-    documents = list(yaml.safe_load_all(mesh_file.read_text()))
-    for doc in documents:
-        if not isinstance(doc, dict) or doc.get("kind") != "Mesh":
-            continue
-        spec = doc.setdefault("spec", {})
-        spec["policies"] = [str((mesh_file.parent / p).resolve()) for p in spec.get("policies", [])]
-        for service in spec.get("services", []):
-            namespace = service.get("namespace", "default")
-            for instance in service.get("instances", []) or []:
-                p = by_name.get((namespace, service["name"], instance["name"]))
-                if p is not None:
-                    instance["sidecar"] = {"outbound": p.outbound, "inbound": p.inbound,
-                                           "admin": p.admin, "health": p.health}
-    resolved = state_dir / "mesh.resolved.yaml"
-    resolved.write_text(yaml.safe_dump_all(documents, sort_keys=False))
-    return resolved
+def control_address(snapshot, taken: set[int]) -> tuple[str, int]:
+    """Where the control plane listens: the Mesh's controlPlane address when it is free, else a
+    free loopback port (another mesh may be running on this machine)."""
+    cp = snapshot.mesh.control_plane
+    if not port_is_open(cp.host, cp.port) and cp.port not in taken:
+        taken.add(cp.port)
+        return cp.host, cp.port
+    return "127.0.0.1", free_port(taken)
 
 
-def sidecar_child(p: PlannedInstance, resolved: Path) -> Child:
+def control_child(mesh_file: Path, host: str, port: int) -> Child:
+    argv = [sys.executable, "-m", "meshproxy", "control", "--config", str(mesh_file),
+            "--listen", f"{host}:{port}"]
+    return Child(name="control", argv=argv)
+
+
+def sidecar_child(p: PlannedInstance, control_url: str) -> Child:
     argv = [
-        sys.executable, "-m", "meshproxy", "proxy", "--config", str(resolved),
+        sys.executable, "-m", "meshproxy", "proxy", "--control", control_url,
         "--service", p.service, "--namespace", p.namespace, "--instance", p.name,
         "--outbound-port", str(p.outbound), "--inbound-port", str(p.inbound),
         "--admin-port", str(p.admin), "--health-port", str(p.health),
+        "--app-host", p.app_host, "--app-port", str(p.app_port),
         "--inbound-bind", "127.0.0.1",
     ]
     return Child(name=f"{p.name}/proxy", argv=argv)
 
 
-def app_child(p: PlannedInstance, mesh_dir: Path) -> Child:
+def app_child(p: PlannedInstance, mesh_dir: Path, state_dir: Path) -> Child:
     # The app learns where its sidecar is the way a meshed app in Kubernetes would not need
     # to (iptables); outside Kubernetes HTTP_PROXY sends its calls through the sidecar.
     env = {"PORT": str(p.app_port), "HOST": p.app_host, "MESHPROXY_SERVICE": p.service,
-           "MESHPROXY_INSTANCE": p.name}
+           "MESHPROXY_INSTANCE": p.name,
+           # A folder the mesh's apps share for their data (the demo keeps its stores there).
+           "MESHPROXY_APP_DATA": str(state_dir / "data")}
     if p.meshed:
         outbound = f"http://127.0.0.1:{p.outbound}"
         env.update({"MESHPROXY_OUTBOUND": outbound, "HTTP_PROXY": outbound,
@@ -144,31 +148,90 @@ def table(planned: list[PlannedInstance]) -> str:
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
 
 
-async def wait_ready(planned: list[PlannedInstance], supervisor: Supervisor) -> list[str]:
-    """Poll every sidecar's /ready and every started app's port; return what is not ready."""
+def _http_ok(url: str) -> bool:
     import urllib.request
 
+    try:
+        with urllib.request.urlopen(url, timeout=0.5) as r:
+            return r.status == 200
+    except OSError:
+        return False
+
+
+async def wait_ready(planned: list[PlannedInstance], supervisor: Supervisor, control_url: str) -> list[str]:
+    """Poll the control plane's and every sidecar's /ready and every started app's port;
+    return what is still not ready at the deadline (empty when all are)."""
     deadline = time.monotonic() + READY_TIMEOUT
-    waiting = {p.name: p for p in planned}
+    waiting: dict[str, PlannedInstance | None] = {"control": None, **{p.name: p for p in planned}}
     while waiting and time.monotonic() < deadline:
         if not supervisor.exited.empty():
             break
         for name, p in list(waiting.items()):
-            if not p.meshed:
-                if port_is_open(p.app_host, p.app_port):
-                    del waiting[name]
-                continue
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{p.admin}/ready", timeout=0.5) as r:
-                    sidecar_ready = r.status == 200
-            except OSError:
-                sidecar_ready = False
-            app_ready = p.command is None or port_is_open(p.app_host, p.app_port)
-            if sidecar_ready and app_ready:
+            if p is None:
+                ready = await asyncio.to_thread(_http_ok, f"{control_url}/ready")
+            elif not p.meshed:
+                ready = port_is_open(p.app_host, p.app_port)
+            else:
+                ready = (p.command is None or port_is_open(p.app_host, p.app_port)) and \
+                    await asyncio.to_thread(_http_ok, f"http://127.0.0.1:{p.admin}/ready")
+            if ready:
                 del waiting[name]
         if waiting:
             await asyncio.sleep(0.1)
     return sorted(waiting)
+
+
+def edge_urls(snapshot, planned: list[PlannedInstance]) -> list[str]:
+    """The URLs a user calls the mesh at: the sidecars of Services whose inbound accepts
+    plaintext (PERMISSIVE or DISABLE), like the demo's `ingestion`."""
+    urls = []
+    for p in planned:
+        key = f"{p.service}.{p.namespace}"
+        if p.meshed and snapshot.mtls_mode_for(key, "STRICT") != "STRICT":
+            urls.append(f"{key}: http://127.0.0.1:{p.inbound}/")
+    return urls
+
+
+class _Restarts:
+    """Restarts children that die, waiting longer after each quick death."""
+
+    def __init__(self, supervisor: Supervisor, out) -> None:
+        self.supervisor = supervisor
+        self.out = out
+        self.delay: dict[str, float] = {}
+        self.started: dict[str, float] = {}
+        self.tasks: set[asyncio.Task] = set()
+
+    def started_now(self, child: Child) -> None:
+        self.started[child.name] = time.monotonic()
+
+    def schedule(self, child: Child) -> float:
+        first, longest = RESTART_BACKOFF
+        ran = time.monotonic() - self.started.get(child.name, 0.0)
+        delay = first if ran >= STABLE_AFTER else min(longest, self.delay.get(child.name, first / 2) * 2)
+        self.delay[child.name] = delay
+        task = asyncio.ensure_future(self._restart(child, delay))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+        return delay
+
+    async def _restart(self, child: Child, delay: float) -> None:
+        await asyncio.sleep(delay)
+        try:
+            await self.supervisor.start(child)
+        except OSError as exc:
+            print(f"meshproxy up: cannot restart {child.name}: {exc}", file=self.out, flush=True)
+            return
+        self.started_now(child)
+        print(f"meshproxy up: restarted {child.name} (pid {child.pid})", file=self.out, flush=True)
+
+    def cancel(self) -> None:
+        for task in self.tasks:
+            task.cancel()
+
+
+def _write_pids(state_dir: Path, supervisor: Supervisor) -> None:
+    (state_dir / "pids").write_text("".join(f"{c.pid} {c.name}\n" for c in supervisor.children))
 
 
 async def run_mesh(mesh_file: Path, state_dir: Path, out=sys.stdout) -> int:
@@ -182,40 +245,44 @@ async def run_mesh(mesh_file: Path, state_dir: Path, out=sys.stdout) -> int:
         print(f"{mesh_file}: no Mesh document in this file", file=sys.stderr)
         return 1
     planned = plan(snapshot)
-    resolved = write_resolved_mesh(mesh_file, planned, state_dir)
+    taken = {p for q in planned for p in (q.app_port, q.outbound, q.inbound, q.admin, q.health) if p}
+    control_host, control_port = control_address(snapshot, taken)
+    control_url = f"http://{control_host}:{control_port}"
     mtls_mode = snapshot.mesh.mtls_mode or "STRICT"  # spec §3: `up` defaults to STRICT
     if mtls_mode != "DISABLE":
         print(f"warning: the Mesh asks for mTLS ({mtls_mode}); this version's sidecars speak "
               "plaintext to each other", file=out)
     supervisor = Supervisor(state_dir / "logs", out=out)
+    restarts = _Restarts(supervisor, out)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
+    control = control_child(mesh_file, control_host, control_port)
     sidecars: list[Child] = []
     apps: list[Child] = []
-    code = 0
     try:
+        await supervisor.start(control)
         for p in planned:
             if p.meshed:
-                child = sidecar_child(p, resolved)
-                await supervisor.start(child)
-                sidecars.append(child)
+                sidecars.append(sidecar_child(p, control_url))
             if p.command:
-                child = app_child(p, mesh_file.parent)
-                await supervisor.start(child)
-                apps.append(child)
-        (state_dir / "pids").write_text(
-            "".join(f"{c.pid} {c.name}\n" for c in supervisor.children)
-        )
-        not_ready = await wait_ready(planned, supervisor)
+                apps.append(app_child(p, mesh_file.parent, state_dir))
+        for child in [*sidecars, *apps]:
+            await supervisor.start(child)
+        for child in supervisor.children:
+            restarts.started_now(child)
+        _write_pids(state_dir, supervisor)
+        not_ready = await wait_ready(planned, supervisor, control_url)
         if not_ready or not supervisor.exited.empty():
             print(f"meshproxy up: not ready: {', '.join(not_ready) or 'a process exited'}; "
                   f"logs in {state_dir / 'logs'}", file=sys.stderr)
             return 1
         print(table(planned), file=out)
-        print(f"mesh ready ({len(planned)} instances); state and logs in {state_dir}; "
-              "Ctrl-C stops it", file=out, flush=True)
+        for url in edge_urls(snapshot, planned):
+            print(f"edge  {url}", file=out)
+        print(f"control plane {control_url}/config; mesh ready ({len(planned)} instances); state and "
+              f"logs in {state_dir}; Ctrl-C stops it", file=out, flush=True)
         exited = asyncio.ensure_future(supervisor.exited.get())
         stopped = asyncio.ensure_future(stop.wait())
         while True:
@@ -224,15 +291,19 @@ async def run_mesh(mesh_file: Path, state_dir: Path, out=sys.stdout) -> int:
                 exited.cancel()
                 break
             child = exited.result()
+            delay = restarts.schedule(child)
             print(f"meshproxy up: {child.name} exited with code {child.process.returncode}; "
-                  f"see {child.log_path}", file=out, flush=True)
+                  f"restarting in {delay:.0f}s; see {child.log_path}", file=out, flush=True)
             exited = asyncio.ensure_future(supervisor.exited.get())
+            _write_pids(state_dir, supervisor)
     finally:
-        print("stopping: draining sidecars, then apps", file=out, flush=True)
+        restarts.cancel()
+        print("stopping: draining sidecars, then apps, then the control plane", file=out, flush=True)
         await supervisor.stop(sidecars, STOP_TIMEOUT)
         await supervisor.stop(apps, 10.0)
+        await supervisor.stop([control], 10.0)
         print("stopped", file=out, flush=True)
-    return code
+    return 0
 
 
 def run_up(args) -> int:

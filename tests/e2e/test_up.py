@@ -7,11 +7,13 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
+import pytest
 import requests
+
+from support.output import Lines, alive
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -26,19 +28,6 @@ def _free_ports(n: int) -> list[int]:
     for s in socks:
         s.close()
     return ports
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    # A zombie is gone for the user's purposes.
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split()[2] != "Z"
-    except FileNotFoundError:
-        return False
 
 
 def _mesh_file(tmp_path: Path) -> tuple[Path, int]:
@@ -63,31 +52,19 @@ spec:
     - name: weather
       instances:
         - {{name: weather-0, sidecar: false, app: {{address: 127.0.0.1:{ext}, command: {echo}}}}}
+---
+# Round robin, so that 20 calls in a row reach both backends (PeakEWMA would rightly keep
+# sending them to whichever answered fastest).
+apiVersion: meshproxy.io/v1alpha1
+kind: TrafficPolicy
+metadata: {{name: backend-lb}}
+spec:
+  targetRef: {{kind: Service, name: backend}}
+  loadBalancer: {{type: RoundRobin}}
 """
     path = tmp_path / "mesh.yaml"
     path.write_text(text)
     return path, inbound
-
-
-class _Lines:
-    """Collects a child's output lines in a thread, so the test can wait for one."""
-
-    def __init__(self, stream) -> None:
-        self.lines: list[str] = []
-        self._thread = threading.Thread(target=self._read, args=(stream,), daemon=True)
-        self._thread.start()
-
-    def _read(self, stream) -> None:
-        for line in stream:
-            self.lines.append(line.rstrip("\n"))
-
-    def wait_for(self, text: str, timeout: float) -> bool:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if any(text in line for line in self.lines):
-                return True
-            time.sleep(0.05)
-        return False
 
 
 def test_up_runs_the_mesh_and_stops_everything(tmp_path: Path) -> None:
@@ -97,7 +74,7 @@ def test_up_runs_the_mesh_and_stops_everything(tmp_path: Path) -> None:
         [sys.executable, "-m", "meshproxy", "up", str(mesh), "--state-dir", str(state)],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO,
     )
-    out = _Lines(proc.stdout)
+    out = Lines(proc.stdout)
     try:
         assert out.wait_for("mesh ready", 40), "\n".join(out.lines)
         header = next(line for line in out.lines if line.startswith("SERVICE"))
@@ -116,19 +93,49 @@ def test_up_runs_the_mesh_and_stops_everything(tmp_path: Path) -> None:
         assert instances == {"backend-0", "backend-1"}
         r = requests.get(f"http://127.0.0.1:{frontend_inbound}/call/weather/today", timeout=5)
         assert r.json()["answer"]["instance"] == "weather-0"
-        pids = [int(line.split()[0]) for line in (state / "pids").read_text().splitlines()]
-        assert len(pids) == 7  # 3 sidecars, 4 apps
-        assert all(_alive(pid) for pid in pids)
+        named = dict(reversed(line.split(maxsplit=1)) for line in (state / "pids").read_text().splitlines())
+        assert len(named) == 8, named  # the control plane, 3 sidecars, 4 apps
+        assert all(alive(int(pid)) for pid in named.values())
         assert (state / "logs" / "frontend-0_proxy.log").exists()
+        # The sidecars follow the control plane `up` runs (the one that watches the file).
+        listed = requests.get(_control_url(out.lines) + "/v1/proxies", timeout=5).json()["proxies"]
+        assert sorted(p["instance"] for p in listed) == ["backend-0", "backend-1", "frontend-0"]
+        # A child that dies is reported and started again.
+        os.kill(int(named["backend-1/app"]), signal.SIGKILL)
+        assert out.wait_for("backend-1/app exited", 10), "\n".join(out.lines)
+        assert out.wait_for("restarted backend-1/app", 10), "\n".join(out.lines)
+        wait_until(lambda: {_call_backend(frontend_inbound) for _ in range(4)} == {"backend-0", "backend-1"},
+                   10)
+        pids = [int(line.split()[0]) for line in (state / "pids").read_text().splitlines()]
     finally:
         proc.send_signal(signal.SIGINT)
         code = proc.wait(timeout=60)
     assert code == 0, "\n".join(out.lines)
     assert out.wait_for("stopped", 5)
     deadline = time.monotonic() + 10
-    while any(_alive(pid) for pid in pids) and time.monotonic() < deadline:
+    while any(alive(pid) for pid in pids) and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert not [pid for pid in pids if _alive(pid)], "processes left behind"
+    assert not [pid for pid in pids if alive(pid)], "processes left behind"
+
+
+def _control_url(lines: list[str]) -> str:
+    line = next(line for line in lines if line.startswith("control plane "))
+    return line.split()[2].removesuffix("/config;")
+
+
+def _call_backend(frontend_inbound: int) -> str | None:
+    try:
+        r = requests.get(f"http://127.0.0.1:{frontend_inbound}/call/backend/again", timeout=5)
+        return r.json()["answer"]["instance"] if r.status_code == 200 else None
+    except (requests.RequestException, ValueError, KeyError):
+        return None
+
+
+def wait_until(condition, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.05)
 
 
 def test_up_refuses_an_invalid_mesh_file(tmp_path: Path) -> None:
@@ -141,8 +148,9 @@ def test_up_refuses_an_invalid_mesh_file(tmp_path: Path) -> None:
     assert f"{bad}:7:" in proc.stderr
 
 
-def test_example_mesh_checks_clean() -> None:
-    proc = subprocess.run([sys.executable, "-m", "meshproxy", "check", str(REPO / "config")],
+@pytest.mark.parametrize("folder", ["examples", "demo"])
+def test_bundled_meshes_check_clean(folder: str) -> None:
+    proc = subprocess.run([sys.executable, "-m", "meshproxy", "check", "--strict", str(REPO / "config" / folder)],
                           capture_output=True, text=True, timeout=30)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert proc.stdout.startswith("ok:")

@@ -96,7 +96,9 @@ class ProxyProcess:
                  namespace: str = "default", instance: str | None = None,
                  app_port: int | None = None, uvloop: bool = True,
                  extra_args: list[str] | tuple[str, ...] = (), drain_timeout: float = 5.0,
-                 name: str = "proxy", extra_configs: list[str] | tuple[str, ...] = ()) -> None:
+                 name: str = "proxy", extra_configs: list[str] | tuple[str, ...] = (),
+                 control: str | None = None) -> None:
+        """`control`: a control-plane URL; the proxy then follows it instead of `mesh`."""
         self.tmp_path = Path(tmp_path)
         self.config = self.tmp_path / f"{name}-mesh.yaml"
         self.config.write_text(mesh)
@@ -110,15 +112,18 @@ class ProxyProcess:
         self.extra_configs = [str(path) for path in extra_configs]  # read after the Mesh file
         self.drain_timeout = drain_timeout
         self.name = name
+        self.control = control
         self.process: subprocess.Popen | None = None
         self.outbound = self.inbound = self.admin = self.health = 0
 
     # life cycle ------------------------------------------------------------------------------
 
     def command(self) -> list[str]:
+        source = ["--control", self.control] if self.control else ["--config", str(self.config),
+                                                                   *self.extra_configs]
         cmd = [
-            sys.executable, "-m", "meshproxy", "proxy", "--config", str(self.config),
-            *self.extra_configs, "--service", self.service, "--namespace", self.namespace,
+            sys.executable, "-m", "meshproxy", "proxy", *source,
+            "--service", self.service, "--namespace", self.namespace,
             "--outbound-port", str(self.outbound), "--inbound-port", str(self.inbound),
             "--admin-port", str(self.admin), "--health-port", str(self.health),
             "--inbound-bind", "127.0.0.1", "--drain-timeout", str(self.drain_timeout),

@@ -40,6 +40,7 @@ class Parsed:
     source: Source
     paths: dict[str, Pos] = field(default_factory=dict)
     refs: list[tuple[str, str, int | None]] = field(default_factory=list)
+    node: YNode | None = None  # the document as written, for sending it on (control plane)
 
     def pos(self, path: str) -> Pos:
         """Where the field `path` was written (the document's start when unknown)."""
@@ -54,13 +55,13 @@ def parse_document(node: YNode, diags: Diagnostics) -> Parsed:
     reader = Reader(diags)
     doc = reader.obj(node, "")
     if doc is None:
-        return Parsed(None, False, source)
+        return Parsed(None, False, source, node=node)
     api_version = doc.string("apiVersion", required=True)
     kind = doc.string("kind", required=True)
     if kind is not None and kind not in KINDS:
         diags.error(doc.value_pos("kind"), f"kind: unknown kind '{kind}' (known: {', '.join(KINDS)})")
     if kind not in KINDS:
-        return Parsed(None, False, source, reader.paths)
+        return Parsed(None, False, source, reader.paths, node=node)
     versions, parser = KINDS[kind]
     if api_version is not None and api_version not in versions:
         diags.error(doc.value_pos("apiVersion"), f"apiVersion: unknown apiVersion '{api_version}' "
@@ -71,4 +72,4 @@ def parse_document(node: YNode, diags: Diagnostics) -> Parsed:
     resource = parser(spec, meta, source) if spec is not None else None
     reader.finish()
     ok = resource is not None and not diags.errors_since(mark)
-    return Parsed(resource, ok, source, reader.paths, reader.refs)
+    return Parsed(resource, ok, source, reader.paths, reader.refs, node)

@@ -1,0 +1,114 @@
+"""`meshproxy control`: watch the configuration sources, serve the proxies' API until SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+
+from aiohttp import web
+
+from meshproxy.config.model import Mesh
+from meshproxy.config.model.mesh import join_host_port
+from meshproxy.config.watch import ConfigWatcher
+from meshproxy.control.api import build_app
+from meshproxy.control.plane import ControlPlane
+
+log = logging.getLogger("meshproxy.control")
+DEFAULT_LISTEN = ("127.0.0.1", 15010)
+
+
+def parse_listen(value: str) -> tuple[str, int]:
+    """`HOST:PORT`, `[V6]:PORT` or `:PORT` (all addresses) to (host, port); raises ValueError."""
+    host, sep, port = value.rpartition(":")
+    if not sep:
+        raise ValueError(f"expected HOST:PORT, got {value!r}")
+    host = host.strip("[]") or "0.0.0.0"
+    return host, int(port)
+
+
+async def _follow_files(plane: ControlPlane, watcher: ConfigWatcher) -> None:
+    async for result in watcher.changes():
+        plane.files_changed(result, watcher.generation())
+
+
+async def _follow_kubernetes(plane: ControlPlane, kubeconfig: str | None, trust_domain: str) -> None:
+    from meshproxy.control.kubernetes import KubernetesDiscovery, make_api_client
+
+    api = await make_api_client(kubeconfig)
+    try:
+        discovery = KubernetesDiscovery(api, plane.discovery_changed, trust_domain=trust_domain)
+        await discovery.run()
+    finally:
+        await api.close()
+
+
+async def serve_control(paths: list[str], listen: str | None = None, *, kubernetes: bool = False,
+                        kubeconfig: str | None = None, stop: asyncio.Event | None = None) -> int:
+    """Run the control plane until SIGTERM/SIGINT (or `stop` is set); return the exit code:
+    0, or 1 when the configuration given at start is invalid."""
+    plane = ControlPlane()
+    watcher = ConfigWatcher(paths) if paths else None
+    mesh: Mesh | None = None
+    if watcher is not None:
+        result = watcher.load()
+        if result.errors:
+            for error in result.errors:
+                print(error, file=sys.stderr)
+            return 1
+        mesh = next((r for r in result.resources if isinstance(r, Mesh)), None)
+        if kubernetes:
+            plane.uses_discovery = True
+        plane.files_changed(result, watcher.generation())
+    if listen:
+        host, port = parse_listen(listen)
+    elif mesh is not None:
+        host, port = mesh.control_plane.host, mesh.control_plane.port
+    else:
+        host, port = DEFAULT_LISTEN
+    loop = asyncio.get_running_loop()
+    stop = stop or asyncio.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    tasks = []
+    if watcher is not None:
+        tasks.append(asyncio.create_task(_follow_files(plane, watcher)))
+    if kubernetes:
+        trust_domain = mesh.trust_domain if mesh is not None else "cluster.local"
+        tasks.append(asyncio.create_task(_follow_kubernetes(plane, kubeconfig, trust_domain)))
+    # Watches are endless streams: give them a second to notice the end, then cut them.
+    runner = web.AppRunner(build_app(plane), access_log=None, shutdown_timeout=1.0)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port)
+    await site.start()
+    log.info("meshproxy control listening on %s (version %s)", join_host_port(host, port),
+             plane.current.version if plane.current else "none yet")
+    try:
+        await stop.wait()
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await runner.cleanup()
+    return 0
+
+
+def run_control(args) -> int:
+    """Entry point of `meshproxy control` (parsed arguments from meshproxy.cli)."""
+    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("watchfiles").setLevel(logging.WARNING)  # we log what a change did instead
+    if not args.config and not args.kubernetes:
+        print("meshproxy control: give --config PATH... and/or --kubernetes", file=sys.stderr)
+        return 2
+    try:
+        if args.listen:
+            parse_listen(args.listen)
+    except ValueError as exc:
+        print(f"meshproxy control: --listen: {exc}", file=sys.stderr)
+        return 2
+    import uvloop
+
+    return uvloop.run(serve_control(list(args.config or []), args.listen, kubernetes=args.kubernetes,
+                                    kubeconfig=args.kubeconfig))

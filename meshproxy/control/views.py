@@ -1,0 +1,163 @@
+"""What the control plane holds and what each proxy receives, as pure data: no I/O.
+
+A `ControlSnapshot` is one valid configuration: the documents as written (plain data, the same
+shape as the YAML files), the Snapshot built from them, a content `version` and a `generation`.
+
+- `version` is a hash of the documents the proxies receive. Two control-plane replicas reading
+  the same files (or the same API server) compute the same version, so a proxy that moves from
+  one replica to the other applies nothing twice.
+- `generation` orders versions: one number per source (the newest file time, the API server's
+  highest resourceVersion). A proxy refuses a snapshot that is older in every source than the
+  one it holds, so a replica that has not seen a change yet cannot roll it back.
+
+A proxy's view is every document it needs to call out (the Mesh with every Service and its
+endpoints, the routes, the TrafficPolicies) plus its own inbound policy: the PeerAuthentication
+and AuthorizationPolicies in force for its own Service, and no other Service's.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Iterable, Mapping, Sequence
+
+from meshproxy.config import ConfigError, LoadResult, Snapshot, load_objects
+from meshproxy.config.model import AuthorizationPolicy, PeerAuthentication
+
+# (namespace, service, instance) -> the inbound port its sidecar told the control plane.
+Registrations = Mapping[tuple[str, str, str], int]
+INBOUND_KINDS = ("PeerAuthentication", "AuthorizationPolicy")
+
+
+def _dumps(value) -> bytes:
+    return json.dumps(value, sort_keys=True, separators=(",", ":")).encode()
+
+
+def is_older(candidate: Sequence[int], held: Sequence[int]) -> bool:
+    """True when generation `candidate` is behind `held`: no source newer, at least one older.
+
+    Generations of different lengths (a control plane with another set of sources) are never
+    older; the version decides alone then.
+    """
+    if len(candidate) != len(held):
+        return False
+    return all(c <= h for c, h in zip(candidate, held)) and any(c < h for c, h in zip(candidate, held))
+
+
+def _sanitised_mesh(doc: dict, registrations: Registrations) -> dict:
+    """The Mesh as proxies get it: sidecar ports that sidecars reported filled in; policy file
+    paths and app commands left out (they mean nothing to a proxy)."""
+    doc = copy.deepcopy(doc)
+    spec = doc.get("spec") or {}
+    spec.pop("policies", None)
+    for service in spec.get("services") or []:
+        namespace = service.get("namespace", "default")
+        for instance in service.get("instances") or []:
+            app = instance.get("app")
+            if isinstance(app, dict):
+                app.pop("command", None)
+            sidecar = instance.get("sidecar")
+            if sidecar is False:
+                continue
+            port = registrations.get((namespace, service.get("name"), instance.get("name")))
+            if port is None:
+                continue
+            if not isinstance(sidecar, dict):
+                sidecar = instance["sidecar"] = {}
+            sidecar.setdefault("inbound", port)
+    return doc
+
+
+def merge_discovered(file_documents: Sequence[dict], discovered: Sequence[dict]) -> list[dict]:
+    """Return the documents of both sources as one configuration: the Services a discovery
+    source found join the files' Mesh (or form the Mesh when the files have none)."""
+    documents = [copy.deepcopy(d) for d in file_documents]
+    mesh = next((d for d in documents if d.get("kind") == "Mesh"), None)
+    for doc in discovered:
+        if doc.get("kind") == "Mesh" and mesh is not None:
+            spec = mesh.setdefault("spec", {})
+            known = {(s.get("namespace", "default"), s.get("name")) for s in spec.get("services") or []}
+            extra = [s for s in (doc.get("spec") or {}).get("services") or []
+                     if (s.get("namespace", "default"), s.get("name")) not in known]
+            spec["services"] = [*(spec.get("services") or []), *extra]
+        else:
+            documents.append(doc)
+            if doc.get("kind") == "Mesh":
+                mesh = doc
+    return documents
+
+
+@dataclass
+class ControlSnapshot:
+    """One valid configuration and the encoded view of every proxy that asked for one."""
+
+    version: str
+    generation: tuple[int, ...]
+    documents: tuple[dict, ...]  # as proxies get them (registrations in, file paths out)
+    snapshot: Snapshot
+    _shared: bytes = b""
+    _inbound: dict[int, bytes] = field(default_factory=dict)  # document index -> JSON
+    _views: dict[str, bytes] = field(default_factory=dict)  # service key -> JSON array
+
+    def view(self, service_key: str) -> bytes:
+        """Return the JSON array of documents the proxy of Service `NAME.NAMESPACE` receives.
+
+        The part every proxy shares is encoded once per snapshot; each Service's inbound part
+        once per Service."""
+        found = self._views.get(service_key)
+        if found is not None:
+            return found
+        wanted: list[object] = []
+        peer = self.snapshot.peer_authentication_for(service_key)
+        if peer is not None:
+            wanted.append(peer)
+        wanted.extend(self.snapshot.authorization_policies_for(service_key))
+        index = self._resource_index()
+        parts = [self._shared] if self._shared else []
+        parts.extend(self._inbound[index[id(resource)]] for resource in wanted if id(resource) in index)
+        encoded = b"[" + b",".join(parts) + b"]"
+        if len(self._views) < 100_000:
+            self._views[service_key] = encoded
+        return encoded
+
+    def _resource_index(self) -> dict[int, int]:
+        # Documents and the Snapshot's resources are in the same order (see build()).
+        return {id(r): i for i, r in enumerate(self.snapshot.resources)
+                if isinstance(r, (PeerAuthentication, AuthorizationPolicy))}
+
+    def to_json(self) -> dict:
+        """The control plane's `/config`: version, generation, the configuration in force."""
+        return {"version": self.version, "generation": list(self.generation),
+                "config": self.snapshot.to_json()}
+
+
+def build(
+    files: LoadResult | None,
+    discovered: Sequence[dict] = (),
+    registrations: Registrations | None = None,
+    generation: Iterable[int] = (0,),
+) -> ControlSnapshot:
+    """Return the ControlSnapshot of the files' load result and discovered documents.
+
+    Raises ConfigError when the files had errors (with FILE:LINE:COL) or the combination is
+    invalid. Registrations (sidecar inbound ports) fill in ports the files leave open.
+    """
+    registrations = registrations or {}
+    if files is not None and files.errors:
+        raise ConfigError(files.errors, files.warnings)
+    file_documents = list(files.documents) if files is not None else []
+    documents = merge_discovered(file_documents, discovered) if discovered else file_documents
+    sent = [_sanitised_mesh(d, registrations) if d.get("kind") == "Mesh" else d for d in documents]
+    encoded = [_dumps(d) for d in sent]
+    version = hashlib.sha256(b"\n".join(encoded)).hexdigest()[:12]
+    if discovered:
+        snapshot = load_objects(documents, source="<discovery>", version=version)
+    elif files is not None:
+        snapshot = Snapshot(files.resources, warnings=files.warnings, files=files.files, version=version)
+    else:
+        snapshot = Snapshot(version=version)
+    inbound = {i: e for i, (d, e) in enumerate(zip(sent, encoded)) if d.get("kind") in INBOUND_KINDS}
+    shared = b",".join(e for i, e in enumerate(encoded) if i not in inbound)
+    return ControlSnapshot(version, tuple(generation), tuple(sent), snapshot, shared, inbound)

@@ -1,0 +1,170 @@
+"""The control plane and its proxies, as processes on 127.0.0.1: a change of the files reaches
+every proxy, an invalid one is refused and traffic goes on, a dead control plane stops nothing,
+and a proxy with nothing from its control plane yet is not ready."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+
+import pytest
+import requests
+
+from support.control import ControlProcess
+from support.proxy import ProxyProcess, closed_port, free_ports, mesh_yaml, wait_for
+
+HEADER_ROUTE = """\
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: web-tag}
+spec:
+  parentRefs: [{kind: Service, name: web}]
+  rules:
+    - backendRefs: [{name: web, port: 80}]
+      filters:
+        - type: ResponseHeaderModifier
+          responseHeaderModifier: {set: [{name: x-tag, value: "%s"}]}
+"""
+
+
+def _replace(path, text: str) -> None:
+    """Save the way editors do: write a new file, rename it over the old one."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _get(proxy: ProxyProcess, path: str = "/echo") -> requests.Response:
+    return requests.get(f"http://127.0.0.1:{proxy.outbound}{path}", headers={"Host": "web"}, timeout=5)
+
+
+def _version(proxy: ProxyProcess) -> str | None:
+    return json.loads(proxy.admin_get("/config")[1])["version"]
+
+
+@pytest.fixture
+def mesh_dir(tmp_path, backend):
+    folder = tmp_path / "config"
+    folder.mkdir()
+    (folder / "mesh.yaml").write_text(mesh_yaml({"web": [f"127.0.0.1:{backend.port}"]}))
+    (folder / "route.yaml").write_text(HEADER_ROUTE % "one")
+    return folder
+
+
+@pytest.fixture
+def control(tmp_path, mesh_dir):
+    plane = ControlProcess(tmp_path, [mesh_dir]).start()
+    yield plane
+    plane.stop()
+
+
+@pytest.fixture
+def two_proxies(tmp_path, control):
+    proxies = [ProxyProcess(tmp_path, "", service=f"client{i}", instance=f"client{i}-0", name=f"p{i}",
+                            control=control.url).start() for i in range(2)]
+    yield proxies
+    for proxy in proxies:
+        proxy.stop()
+
+
+def test_a_policy_edit_reaches_every_proxy(mesh_dir, control, two_proxies):
+    for proxy in two_proxies:
+        assert _get(proxy).headers["x-tag"] == "one"
+    before = control.config()["version"]
+    _replace(mesh_dir / "route.yaml", HEADER_ROUTE % "two")
+    wait_for(lambda: control.config()["version"] != before, timeout=5, what="the control plane to follow")
+    version = control.config()["version"]
+    wait_for(lambda: all(_version(p) == version for p in two_proxies), timeout=2,
+             what="every proxy on the new version within a second or so")
+    for proxy in two_proxies:
+        assert _get(proxy).headers["x-tag"] == "two"
+        assert proxy.metric_sum("meshproxy_config_version_info", version=version) == 1
+    listed = json.loads(control.get("/v1/proxies")[1])["proxies"]
+    assert sorted((p["service"], p["version"], p["connected"]) for p in listed) == [
+        ("client0.default", version, True), ("client1.default", version, True)]
+    assert {p["admin"] for p in listed} == {f"127.0.0.1:{p.admin}" for p in two_proxies}
+
+
+def test_an_invalid_edit_is_refused_and_traffic_is_unaffected(mesh_dir, control, two_proxies):
+    before = control.config()["version"]
+    bad = (HEADER_ROUTE % "three").replace("parentRefs: [{kind: Service, name: web}]",
+                                           "parentRefs: [{kind: Service, name: web}]\n  hostnames: 7")
+    _replace(mesh_dir / "route.yaml", bad)
+    wait_for(lambda: control.config()["lastError"] is not None, timeout=5, what="the refusal")
+    config = control.config()
+    assert config["version"] == before
+    assert any(e.startswith(f"{mesh_dir / 'route.yaml'}:6:") for e in config["lastError"]["errors"]), config
+    metrics = control.get("/metrics")[1].decode()
+    assert "meshproxy_config_errors_total 1.0" in metrics
+    for proxy in two_proxies:
+        response = _get(proxy)
+        assert response.status_code == 200 and response.headers["x-tag"] == "one"
+        assert _version(proxy) == before
+    # The next valid change goes in force.
+    _replace(mesh_dir / "route.yaml", HEADER_ROUTE % "four")
+    wait_for(lambda: all(_get(p).headers.get("x-tag") == "four" for p in two_proxies), timeout=5,
+             what="the fixed change in force")
+
+
+def test_traffic_goes_on_without_the_control_plane_and_proxies_reconnect(tmp_path, mesh_dir, control,
+                                                                         two_proxies):
+    control.stop(signal.SIGKILL)
+    for _ in range(20):
+        for proxy in two_proxies:
+            assert _get(proxy).status_code == 200
+    wait_for(lambda: not any(json.loads(p.admin_get("/config")[1])["source"]["connected"]
+                             for p in two_proxies), timeout=5, what="the proxies to notice")
+    for proxy in two_proxies:
+        assert proxy.admin_get("/ready")[0] == 200  # still serving with the last snapshot
+    _replace(mesh_dir / "route.yaml", HEADER_ROUTE % "back")
+    ControlProcess(tmp_path, [mesh_dir], name="control-again").start(port=control.port)
+    wait_for(lambda: all(_get(p).headers.get("x-tag") == "back" for p in two_proxies), timeout=10,
+             what="the proxies back on the control plane, with the change made meanwhile")
+
+
+def test_a_proxy_is_ready_only_once_it_has_a_snapshot(tmp_path, mesh_dir):
+    port = closed_port()
+    proxy = ProxyProcess(tmp_path, "", service="client", control=f"http://127.0.0.1:{port}")
+    proxy.outbound, proxy.inbound, proxy.admin, proxy.health = free_ports(4)
+    import subprocess
+    import sys
+
+    with open(proxy.stderr_path, "wb") as err:
+        proxy.process = subprocess.Popen(proxy.command(), stdout=err, stderr=err, cwd=str(tmp_path),
+                                         env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    plane = None
+    try:
+        wait_for(lambda: _admin_status(proxy, "/live") == 200, timeout=10, what="the proxy live")
+        assert proxy.admin_get("/ready")[0] == 503
+        assert json.loads(proxy.admin_get("/config")[1])["version"] is None
+        plane = ControlProcess(tmp_path, [mesh_dir]).start(port=port)
+        wait_for(lambda: _admin_status(proxy, "/ready") == 200, timeout=10, what="ready after the snapshot")
+        assert _version(proxy) == plane.config()["version"]
+    finally:
+        proxy.stop()
+        if plane is not None:
+            plane.stop()
+
+
+def _admin_status(proxy: ProxyProcess, path: str) -> int | None:
+    try:
+        return proxy.admin_get(path, timeout=1)[0]
+    except OSError:
+        return None
+
+
+def test_a_standalone_proxy_follows_its_files(tmp_path, backend, proxy_factory):
+    route = tmp_path / "route.yaml"
+    route.write_text(HEADER_ROUTE % "one")
+    proxy = proxy_factory(mesh_yaml({"web": [f"127.0.0.1:{backend.port}"]}), extra_configs=[route])
+    assert _get(proxy).headers["x-tag"] == "one"
+    _replace(route, HEADER_ROUTE % "two")
+    wait_for(lambda: _get(proxy).headers.get("x-tag") == "two", timeout=5, what="the edit in force")
+    good = _version(proxy)
+    _replace(route, "kind: HTTPRoute\nmetadata: [oops\n")
+    wait_for(lambda: proxy.metric_sum("meshproxy_config_errors_total") == 1, timeout=5, what="the refusal")
+    config = json.loads(proxy.admin_get("/config")[1])
+    assert config["version"] == good
+    assert config["lastError"]["errors"][0].startswith(f"{route}:")
+    assert _get(proxy).headers["x-tag"] == "two"
