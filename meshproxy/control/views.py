@@ -11,8 +11,9 @@ shape as the YAML files), the Snapshot built from them, a content `version` and 
   one it holds, so a replica that has not seen a change yet cannot roll it back.
 
 A proxy's view is every document it needs to call out (the Mesh with every Service and its
-endpoints, the routes, the TrafficPolicies) plus its own inbound policy: the PeerAuthentication
-and AuthorizationPolicies in force for its own Service, and no other Service's.
+endpoints, the routes, the TrafficPolicies, the PeerAuthentications: a caller sends plaintext to
+a Service whose mTLS is disabled) plus the AuthorizationPolicies in force for its own Service,
+and no other Service's: who may call a Service is none of its callers' business.
 """
 
 from __future__ import annotations
@@ -24,11 +25,11 @@ from dataclasses import dataclass, field
 from typing import Iterable, Mapping, Sequence
 
 from meshproxy.config import ConfigError, LoadResult, Snapshot, load_objects
-from meshproxy.config.model import AuthorizationPolicy, PeerAuthentication
+from meshproxy.config.model import AuthorizationPolicy
 
 # (namespace, service, instance) -> the inbound port its sidecar told the control plane.
 Registrations = Mapping[tuple[str, str, str], int]
-INBOUND_KINDS = ("PeerAuthentication", "AuthorizationPolicy")
+INBOUND_KINDS = ("AuthorizationPolicy",)
 
 
 def _dumps(value) -> bytes:
@@ -109,11 +110,7 @@ class ControlSnapshot:
         found = self._views.get(service_key)
         if found is not None:
             return found
-        wanted: list[object] = []
-        peer = self.snapshot.peer_authentication_for(service_key)
-        if peer is not None:
-            wanted.append(peer)
-        wanted.extend(self.snapshot.authorization_policies_for(service_key))
+        wanted = self.snapshot.authorization_policies_for(service_key)
         index = self._resource_index()
         parts = [self._shared] if self._shared else []
         parts.extend(self._inbound[index[id(resource)]] for resource in wanted if id(resource) in index)
@@ -125,7 +122,7 @@ class ControlSnapshot:
     def _resource_index(self) -> dict[int, int]:
         # Documents and the Snapshot's resources are in the same order (see build()).
         return {id(r): i for i, r in enumerate(self.snapshot.resources)
-                if isinstance(r, (PeerAuthentication, AuthorizationPolicy))}
+                if isinstance(r, AuthorizationPolicy)}
 
     def to_json(self) -> dict:
         """The control plane's `/config`: version, generation, the configuration in force."""

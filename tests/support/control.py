@@ -17,8 +17,10 @@ from support.proxy import REPO, free_ports
 class ControlProcess:
     """One `meshproxy control --config PATHS --listen 127.0.0.1:PORT` subprocess."""
 
-    def __init__(self, tmp_path: Path, paths: list[Path | str], name: str = "control") -> None:
+    def __init__(self, tmp_path: Path, paths: list[Path | str], name: str = "control",
+                 extra_args: list[str] | tuple[str, ...] = ()) -> None:
         self.paths = [str(p) for p in paths]
+        self.extra_args = list(extra_args)
         self.stderr_path = Path(tmp_path) / f"{name}.stderr"
         self.name = name
         self.port = 0
@@ -33,8 +35,9 @@ class ControlProcess:
         self.port = port or free_ports(1)[0]
         with open(self.stderr_path, "ab") as err:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "meshproxy", "control", "--config", *self.paths,
-                 "--listen", f"127.0.0.1:{self.port}"],
+                [sys.executable, "-m", "meshproxy", "control",
+                 *(["--config", *self.paths] if self.paths else []),
+                 "--listen", f"127.0.0.1:{self.port}", *self.extra_args],
                 cwd=REPO, stdin=subprocess.DEVNULL, stdout=err, stderr=err, env=dict(os.environ),
             )
         deadline = time.monotonic() + timeout

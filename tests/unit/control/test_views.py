@@ -64,16 +64,16 @@ def _kinds(view: bytes) -> list[tuple[str, str]]:
     return [(d["kind"], d["metadata"]["name"]) for d in json.loads(view)]
 
 
-def test_a_proxy_gets_every_outbound_document_and_only_its_own_inbound_policy(files):
+def test_a_proxy_gets_every_outbound_document_and_only_its_own_authorization(files):
     snap = build(files)
     account = _kinds(snap.view("account.default"))
     scheduler = _kinds(snap.view("scheduler.default"))
     assert ("AuthorizationPolicy", "account-callers") in account
-    assert ("PeerAuthentication", "scheduler-permissive") not in account
-    assert ("PeerAuthentication", "scheduler-permissive") in scheduler
     assert ("AuthorizationPolicy", "account-callers") not in scheduler
     for view in (account, scheduler):
         assert ("Mesh", "test") in view and ("TrafficPolicy", "account-retries") in view
+        # Callers need every Service's mTLS mode (plaintext where it is disabled).
+        assert ("PeerAuthentication", "scheduler-permissive") in view
 
 
 def test_a_view_loads_into_the_same_policies_the_control_plane_holds(files):

@@ -1,0 +1,114 @@
+"""`meshproxy control --kubernetes` end to end: Services, EndpointSlices, Pods and HTTPRoutes
+from an API server become a proxy's configuration, and a change in the cluster reaches it.
+
+No Kubernetes API server runs on these machines: the API server here is the fake of
+tests/support/fakekube.py, at the HTTP boundary (it serves list and watch as the real one does),
+run on its own event loop in a thread. The control plane and the proxy are real processes; the
+backends are real HTTP servers on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+
+import pytest
+import requests
+import yaml
+
+import support.kubefactory as k
+from support.control import ControlProcess
+from support.fakekube import FakeKubeAPI
+from support.proxy import ProxyProcess, wait_for
+
+
+class ThreadedFake:
+    """The fake API server on an event loop of its own, driven from the (synchronous) test."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.api = self._call(self._make())
+        self.url = self._call(self.api.start())
+
+    async def _make(self) -> FakeKubeAPI:
+        return FakeKubeAPI()
+
+    def _call(self, coro):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(10)
+
+    def apply(self, obj: dict) -> None:
+        async def apply() -> None:
+            self.api.apply(obj)
+        self._call(apply())
+
+    def close(self) -> None:
+        self._call(self.api.stop())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+
+
+@pytest.fixture
+def cluster(tmp_path):
+    fake = ThreadedFake()
+    path = tmp_path / "kubeconfig"
+    path.write_text(yaml.safe_dump({
+        "apiVersion": "v1", "kind": "Config", "current-context": "fake",
+        "clusters": [{"name": "fake", "cluster": {"server": fake.url}}],
+        "users": [{"name": "fake", "user": {"token": "not-checked"}}],
+        "contexts": [{"name": "fake", "context": {"cluster": "fake", "user": "fake"}}],
+    }))
+    yield fake, path
+    fake.close()
+
+
+def _web(backends) -> list[dict]:
+    """Service `web` and an EndpointSlice with one endpoint per backend (all on 127.0.0.1, told
+    apart by port: one slice per backend, as a Service with several target ports would not be)."""
+    objects = [k.service("web", ports=[{"name": "http", "protocol": "TCP", "port": 80, "targetPort": "http"}])]
+    for i, backend in enumerate(backends):
+        objects.append(k.pod(f"web-{i}", meshed=False, ip="127.0.0.1"))
+        objects.append(k.endpoint_slice("web", [k.endpoint("127.0.0.1", f"web-{i}")], name=f"web-{i}",
+                                        ports=[{"name": "http", "protocol": "TCP", "port": backend.port}]))
+    return objects
+
+
+def test_the_cluster_becomes_the_proxies_configuration(tmp_path, cluster, backend, backend_b):
+    fake, kubeconfig = cluster
+    for obj in _web([backend]):
+        fake.apply(obj)
+    control = ControlProcess(tmp_path, [], extra_args=["--kubernetes", "--kubeconfig", str(kubeconfig)]).start()
+    proxy = ProxyProcess(tmp_path, "", service="client", control=control.url)
+    try:
+        proxy.start()
+
+        def get() -> requests.Response:
+            return requests.get(f"http://127.0.0.1:{proxy.outbound}/echo",
+                                headers={"Host": "web.default.svc.cluster.local"}, timeout=5)
+
+        response = get()
+        assert response.status_code == 200 and response.headers["x-backend"] == "a"
+        # Scaled up: a second endpoint appears in the cluster and in the proxy's balancer.
+        for obj in _web([backend, backend_b])[-2:]:
+            fake.apply(obj)
+
+        def endpoints() -> set[str]:
+            data = json.loads(proxy.admin_get("/endpoints")[1])
+            return {e["address"] for e in data["web.default"]["endpoints"]}
+
+        wait_for(lambda: endpoints() == {f"127.0.0.1:{backend.port}", f"127.0.0.1:{backend_b.port}"},
+                 timeout=5, what="the new endpoint in the proxy")
+        # An HTTPRoute created in the cluster takes effect.
+        route = k.http_route("web-tag", "web", [("web", 80)])
+        route["spec"]["rules"][0]["filters"] = [{"type": "ResponseHeaderModifier",
+                                                 "responseHeaderModifier": {"set": [{"name": "x-tag", "value": "k8s"}]}}]
+        fake.apply(route)
+        wait_for(lambda: get().headers.get("x-tag") == "k8s", timeout=5, what="the route in force")
+        config = control.config()
+        assert config["generation"][-1] > 0  # the API server's resourceVersion orders versions
+        assert json.loads(proxy.admin_get("/config")[1])["version"] == config["version"]
+    finally:
+        proxy.stop()
+        control.stop()
