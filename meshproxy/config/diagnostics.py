@@ -84,6 +84,14 @@ class Diagnostics:
         """Record a warning at `pos`."""
         self._items.append(Diagnostic(pos.file, pos.line, pos.col, message, WARNING))
 
+    def extend(self, diagnostics: list[Diagnostic]) -> None:
+        """Record diagnostics found earlier (a cached parse of an unchanged file)."""
+        self._items.extend(diagnostics)
+
+    def recorded(self) -> list[Diagnostic]:
+        """Every diagnostic in the order recorded."""
+        return list(self._items)
+
     def count(self) -> int:
         """How many diagnostics (errors and warnings) were recorded so far."""
         return len(self._items)

@@ -19,7 +19,7 @@ from typing import AsyncIterator, Callable, Sequence
 
 from watchfiles import Change, awatch
 
-from meshproxy.config.loader import LoadResult, load
+from meshproxy.config.loader import LoadResult, ParseCache, load
 from meshproxy.config.model import Mesh
 
 # folder -> the entry names that matter in it, or None when every entry does
@@ -49,6 +49,7 @@ class ConfigWatcher:
         self._watched: Watched = {}
         self._stats: tuple[tuple[int, ...], ...] = ()
         self._generation = 0
+        self._cache = ParseCache()  # a reload parses only the files that changed
 
     def load(self) -> LoadResult:
         """Load the paths now and remember what to watch; return what `loader.load` returns
@@ -113,7 +114,7 @@ class ConfigWatcher:
         for _ in range(3):
             self._stats = self._fingerprint()
             key = tuple((file, _digest(file)) for file in files)
-            result = load(self._paths)
+            result = load(self._paths, self._cache)
             if tuple(sorted(result.files)) == files:
                 return result, key
             files = tuple(sorted(result.files))

@@ -85,7 +85,12 @@ async def watch(request: web.Request) -> web.StreamResponse:
                 continue
             head = json.dumps({"type": "snapshot", "seq": seq, "version": snapshot.version,
                                "generation": list(snapshot.generation)}, separators=(",", ":"))
-            await response.write(head[:-1].encode() + b',"documents":' + snapshot.view(service_key) + b"}\n")
+            shared, own = snapshot.view_parts(service_key)
+            # Three writes rather than one joined copy: the shared part is one object for every
+            # proxy (a 1000-Service mesh's is about 400 KB).
+            await response.write(head[:-1].encode() + b',"documents":[')
+            await response.write(shared)
+            await response.write(own + b"}\n")
             held = record.version = snapshot.version
     finally:  # the proxy went away (a write failed) or the server is stopping
         plane.proxy_disconnected(watch_id)

@@ -80,7 +80,9 @@ async def serve_control(paths: list[str], listen: str | None = None, *, kubernet
     # Watches are endless streams: give them a second to notice the end, then cut them.
     runner = web.AppRunner(build_app(plane), access_log=None, shutdown_timeout=1.0)
     await runner.setup()
-    site = web.TCPSite(runner, host, port)
+    # A restarted control plane is reconnected to by every proxy at once: aiohttp's default
+    # backlog of 128 drops most of a thousand.
+    site = web.TCPSite(runner, host, port, backlog=4096)
     await site.start()
     log.info("meshproxy control listening on %s (version %s)", join_host_port(host, port),
              plane.current.version if plane.current else "none yet")

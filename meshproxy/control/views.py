@@ -98,31 +98,29 @@ class ControlSnapshot:
     generation: tuple[int, ...]
     documents: tuple[dict, ...]  # as proxies get them (registrations in, file paths out)
     snapshot: Snapshot
-    _shared: bytes = b""
+    _shared: bytes = b""  # every document but the AuthorizationPolicies, comma-separated JSON
     _inbound: dict[int, bytes] = field(default_factory=dict)  # document index -> JSON
-    _views: dict[str, bytes] = field(default_factory=dict)  # service key -> JSON array
+    _index: dict[int, int] = field(default_factory=dict)  # id(resource) -> document index
+    _suffixes: dict[str, bytes] = field(default_factory=dict)  # service key -> its own part
+
+    def view_parts(self, service_key: str) -> tuple[bytes, bytes]:
+        """Return the JSON array of documents the proxy of Service `NAME.NAMESPACE` receives, in
+        two parts to write one after the other: `[` and the part every proxy shares (one bytes
+        object for all of them, not a copy per proxy), then this Service's own part and `]`."""
+        suffix = self._suffixes.get(service_key)
+        if suffix is None:
+            own = [self._inbound[self._index[id(p)]]
+                   for p in self.snapshot.authorization_policies_for(service_key) if id(p) in self._index]
+            joined = b",".join(own)
+            suffix = (b"," if self._shared and joined else b"") + joined + b"]"
+            if len(self._suffixes) < 100_000:
+                self._suffixes[service_key] = suffix
+        return self._shared, suffix
 
     def view(self, service_key: str) -> bytes:
-        """Return the JSON array of documents the proxy of Service `NAME.NAMESPACE` receives.
-
-        The part every proxy shares is encoded once per snapshot; each Service's inbound part
-        once per Service."""
-        found = self._views.get(service_key)
-        if found is not None:
-            return found
-        wanted = self.snapshot.authorization_policies_for(service_key)
-        index = self._resource_index()
-        parts = [self._shared] if self._shared else []
-        parts.extend(self._inbound[index[id(resource)]] for resource in wanted if id(resource) in index)
-        encoded = b"[" + b",".join(parts) + b"]"
-        if len(self._views) < 100_000:
-            self._views[service_key] = encoded
-        return encoded
-
-    def _resource_index(self) -> dict[int, int]:
-        # Documents and the Snapshot's resources are in the same order (see build()).
-        return {id(r): i for i, r in enumerate(self.snapshot.resources)
-                if isinstance(r, AuthorizationPolicy)}
+        """The whole JSON array of view_parts() (for tests and small meshes)."""
+        shared, suffix = self.view_parts(service_key)
+        return b"[" + shared + suffix
 
     def to_json(self) -> dict:
         """The control plane's `/config`: version, generation, the configuration in force."""
@@ -157,4 +155,6 @@ def build(
         snapshot = Snapshot(version=version)
     inbound = {i: e for i, (d, e) in enumerate(zip(sent, encoded)) if d.get("kind") in INBOUND_KINDS}
     shared = b",".join(e for i, e in enumerate(encoded) if i not in inbound)
-    return ControlSnapshot(version, tuple(generation), tuple(sent), snapshot, shared, inbound)
+    # Documents and the Snapshot's resources are in the same order.
+    index = {id(r): i for i, r in enumerate(snapshot.resources) if i in inbound}
+    return ControlSnapshot(version, tuple(generation), tuple(sent), snapshot, shared, inbound, index)

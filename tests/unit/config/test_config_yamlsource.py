@@ -75,7 +75,7 @@ def test_a_control_character_is_a_syntax_error_at_its_place() -> None:
     diags = Diagnostics()
     assert parse_yaml("a: 1\nb: 'x\x07'\n", "f.yaml", diags) == []
     assert [str(d) for d in diags.errors] == [
-        "f.yaml:2:6: invalid YAML: special characters are not allowed (#x0007)"
+        "f.yaml:2:6: invalid YAML: control characters are not allowed (#x0007)"
     ]
 
 

@@ -53,9 +53,9 @@ class Watching:
         self.reads = 0
         real_load = watch_module.load
 
-        def counting_load(paths: Sequence[str]) -> LoadResult:
+        def counting_load(paths: Sequence[str], cache=None) -> LoadResult:
             self.reads += 1
-            return real_load(paths)
+            return real_load(paths, cache)
 
         monkeypatch.setattr(watch_module, "load", counting_load)
         self.queue: asyncio.Queue[tuple[LoadResult, int]] = asyncio.Queue()
