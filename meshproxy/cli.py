@@ -56,6 +56,13 @@ def _add_proxy(sub: argparse._SubParsersAction) -> None:
                    help="local app host for inbound traffic")
     p.add_argument("--outbound-bind", default=_env_default("outbound_bind", "127.0.0.1"))
     p.add_argument("--inbound-bind", default=_env_default("inbound_bind", "0.0.0.0"))
+    p.add_argument("--token-file", default=_env_default("token_file", None), metavar="PATH",
+                   help="credential for the control plane's CA (a bootstrap token, or a projected "
+                   "ServiceAccount token); with it the sidecar gets a certificate and speaks mTLS "
+                   "to meshed peers (env MESHPROXY_TOKEN_FILE)")
+    p.add_argument("--default-mtls-mode", default=_env_default("default_mtls_mode", "PERMISSIVE"),
+                   choices=["STRICT", "PERMISSIVE", "DISABLE"],
+                   help="inbound mTLS mode when no PeerAuthentication or Mesh sets one")
     p.add_argument("--drain-timeout", type=float, default=25.0, metavar="SECONDS",
                    help="how long in-flight requests may take to finish on SIGTERM or /drain")
     p.add_argument("--header-timeout", type=float, default=10.0, metavar="SECONDS",
@@ -84,6 +91,13 @@ def _add_control(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--kubernetes", action="store_true",
                    help="discover Services and policies from the Kubernetes API server")
     p.add_argument("--kubeconfig", default=None, help="kubeconfig file (default: in-cluster)")
+    p.add_argument("--ca-dir", default=None, metavar="DIR",
+                   help="the CA made by `meshproxy ca init`: sign the proxies' certificates")
+    p.add_argument("--tokens-dir", default=None, metavar="DIR",
+                   help="bootstrap tokens that prove the proxies' identities (meshproxy up); with "
+                   "--kubernetes, projected ServiceAccount tokens are checked by TokenReview")
+    p.add_argument("--cert-lifetime", default="24h", metavar="DURATION",
+                   help="lifetime of the proxies' certificates (at least 5s; default 24h)")
     p.add_argument("--log-level", default=_env_default("log_level", "info"),
                    choices=["debug", "info", "warning", "error"])
 
@@ -123,9 +137,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_check(sub)
     from meshproxy import stat_cli
     from meshproxy.demo import load as demo_load
+    from meshproxy.identity import cli as ca_cli
 
     stat_cli.add_parser(sub)
     demo_load.add_parser(sub)
+    ca_cli.add_parser(sub)
     return parser
 
 
@@ -147,6 +163,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from meshproxy import stat_cli
 
         return stat_cli.run(args)
+    if args.command == "ca":
+        from meshproxy.identity import cli as ca_cli
+
+        return ca_cli.run(args)
     if args.command == "demo":
         from meshproxy.demo import load as demo_load
 

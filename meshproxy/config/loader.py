@@ -17,7 +17,7 @@ from meshproxy.config.model import Mesh, Resource, Service
 from meshproxy.config.parse import Parsed, parse_document
 from meshproxy.config.snapshot import Snapshot
 from meshproxy.config.validate import cross_check
-from meshproxy.config.yamlsource import YNode, from_python, parse_yaml, to_python
+from meshproxy.config.yamlsource import YNode, from_python, parse_yaml
 
 YAML_SUFFIXES = (".yaml", ".yml")
 
@@ -153,7 +153,7 @@ def load(paths: Sequence[str], cache: ParseCache | None = None) -> LoadResult:
     cross_check(parsed, diags)
     kept = [p for p in parsed if p.ok and p.resource is not None]
     resources = tuple(p.resource for p in kept)
-    documents = tuple(to_python(p.node) for p in kept)
+    documents = tuple(p.document() for p in kept)
     return LoadResult(tuple(order), resources, tuple(diags.errors), tuple(diags.warnings), documents)
 
 

@@ -114,12 +114,17 @@ async def ready(request: web.Request) -> web.Response:
     return web.Response(text="ready\n")
 
 
-def build_app(plane: ControlPlane) -> web.Application:
-    """Return the aiohttp application of the control plane's API."""
+def build_app(plane: ControlPlane, *, ca=None, verify=None, cert_lifetime: float = 86_400.0) -> web.Application:
+    """Return the aiohttp application of the control plane's API; with `ca` (and `verify`, which
+    maps a credential to the SPIFFE ID it proves) it also signs the proxies' certificates."""
     app = web.Application()
     app[PLANE_KEY] = plane
     registry = CollectorRegistry(auto_describe=False)
     registry.register(_PlaneCollector(plane))
+    if ca is not None:
+        from meshproxy.control.ca_api import add_ca_routes
+
+        registry.register(add_ca_routes(app, ca, verify, lifetime=cert_lifetime))
 
     async def metrics(request: web.Request) -> web.Response:
         response = web.Response(body=generate_latest(registry))

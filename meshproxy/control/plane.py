@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from meshproxy.config import ConfigError, LoadResult
-from meshproxy.control.views import ControlSnapshot, build
+from meshproxy.control.views import ControlSnapshot, EncodingCache, build
 
 log = logging.getLogger("meshproxy.control")
 FORGET_DISCONNECTED_AFTER = 300.0  # seconds a proxy that left stays in /v1/proxies
@@ -57,6 +57,7 @@ class ControlPlane:
         self.proxies: dict[int, ProxyRecord] = {}
         self._next_watch = 0
         self._changed = asyncio.Event()
+        self._encodings = EncodingCache()
 
     # -- sources --------------------------------------------------------------------------------
 
@@ -94,7 +95,8 @@ class ControlPlane:
         generation = (self.file_generation, self.discovery_generation) if self.uses_discovery \
             else (self.file_generation,)
         try:
-            snapshot = build(self.files, self.discovered or (), self.registrations, generation)
+            snapshot = build(self.files, self.discovered or (), self.registrations, generation,
+                             self._encodings)
         except ConfigError as exc:
             self._refuse([str(d) for d in exc.diagnostics] or [str(exc)], why)
             return False

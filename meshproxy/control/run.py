@@ -9,6 +9,7 @@ import sys
 
 from aiohttp import web
 
+from meshproxy.config.duration import parse_duration
 from meshproxy.config.model import Mesh
 from meshproxy.config.model.mesh import join_host_port
 from meshproxy.config.watch import ConfigWatcher
@@ -44,11 +45,37 @@ async def _follow_kubernetes(plane: ControlPlane, kubeconfig: str | None, trust_
         await api.close()
 
 
+def _verifier(verifiers: list):
+    """One credential check from several: the first that proves an identity wins."""
+    async def verify(token: str) -> str | None:
+        for check in verifiers:
+            identity = await check(token)
+            if identity is not None:
+                return identity
+        return None
+    return verify
+
+
 async def serve_control(paths: list[str], listen: str | None = None, *, kubernetes: bool = False,
-                        kubeconfig: str | None = None, stop: asyncio.Event | None = None) -> int:
+                        kubeconfig: str | None = None, stop: asyncio.Event | None = None,
+                        ca_dir: str | None = None, tokens_dir: str | None = None,
+                        cert_lifetime: float = 86_400.0) -> int:
     """Run the control plane until SIGTERM/SIGINT (or `stop` is set); return the exit code:
     0, or 1 when the configuration given at start is invalid."""
     plane = ControlPlane()
+    ca, verifiers, review_client = None, [], None
+    if ca_dir is not None:
+        from meshproxy.identity.ca import CertificateAuthority
+        from meshproxy.identity.tokens import BootstrapTokens, TokenReviewer
+
+        ca = CertificateAuthority.load(ca_dir)
+        if tokens_dir is not None:
+            verifiers.append(BootstrapTokens.load(tokens_dir, ca.trust_domain).verify)
+        if kubernetes:
+            from meshproxy.control.kubernetes import make_api_client
+
+            review_client = await make_api_client(kubeconfig)
+            verifiers.append(TokenReviewer(review_client, ca.trust_domain).verify)
     watcher = ConfigWatcher(paths) if paths else None
     mesh: Mesh | None = None
     if watcher is not None:
@@ -78,7 +105,8 @@ async def serve_control(paths: list[str], listen: str | None = None, *, kubernet
         trust_domain = mesh.trust_domain if mesh is not None else "cluster.local"
         tasks.append(asyncio.create_task(_follow_kubernetes(plane, kubeconfig, trust_domain)))
     # Watches are endless streams: give them a second to notice the end, then cut them.
-    runner = web.AppRunner(build_app(plane), access_log=None, shutdown_timeout=1.0)
+    app = build_app(plane, ca=ca, verify=_verifier(verifiers), cert_lifetime=cert_lifetime)
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
     await runner.setup()
     # A restarted control plane is reconnected to by every proxy at once: aiohttp's default
     # backlog of 128 drops most of a thousand.
@@ -93,6 +121,8 @@ async def serve_control(paths: list[str], listen: str | None = None, *, kubernet
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         await runner.cleanup()
+        if review_client is not None:
+            await review_client.close()
     return 0
 
 
@@ -107,10 +137,19 @@ def run_control(args) -> int:
     try:
         if args.listen:
             parse_listen(args.listen)
+        lifetime = parse_duration(args.cert_lifetime)
     except ValueError as exc:
-        print(f"meshproxy control: --listen: {exc}", file=sys.stderr)
+        print(f"meshproxy control: {exc}", file=sys.stderr)
+        return 2
+    if lifetime < 5:
+        print("meshproxy control: --cert-lifetime must be at least 5s (certificate times have "
+              "one-second resolution)", file=sys.stderr)
+        return 2
+    if args.tokens_dir and not args.ca_dir:
+        print("meshproxy control: --tokens-dir needs --ca-dir", file=sys.stderr)
         return 2
     import uvloop
 
     return uvloop.run(serve_control(list(args.config or []), args.listen, kubernetes=args.kubernetes,
-                                    kubeconfig=args.kubeconfig))
+                                    kubeconfig=args.kubeconfig, ca_dir=args.ca_dir,
+                                    tokens_dir=args.tokens_dir, cert_lifetime=lifetime))

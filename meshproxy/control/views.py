@@ -128,11 +128,36 @@ class ControlSnapshot:
                 "config": self.snapshot.to_json()}
 
 
+class EncodingCache:
+    """Each document's JSON from the last build, by identity: a reload gives the same document
+    objects for unchanged files (see loader.ParseCache), so an edit re-encodes one file's
+    documents, not the mesh's thousands."""
+
+    def __init__(self) -> None:
+        self._entries: dict[int, tuple] = {}
+
+    def encode(self, doc: dict, registrations: Registrations, used: dict[int, tuple]) -> tuple[dict, bytes]:
+        """Return (the document as proxies get it, its JSON); note the entry in `used`."""
+        key = id(doc)
+        facts = tuple(sorted(registrations.items())) if doc.get("kind") == "Mesh" else None
+        hit = self._entries.get(key)
+        if hit is None or hit[0] is not doc or hit[1] != facts:
+            sent = _sanitised_mesh(doc, registrations) if facts is not None else doc
+            hit = (doc, facts, sent, _dumps(sent))
+        used[key] = hit
+        return hit[2], hit[3]
+
+    def keep(self, used: dict[int, tuple]) -> None:
+        """Keep the entries of the last build only."""
+        self._entries = used
+
+
 def build(
     files: LoadResult | None,
     discovered: Sequence[dict] = (),
     registrations: Registrations | None = None,
     generation: Iterable[int] = (0,),
+    cache: EncodingCache | None = None,
 ) -> ControlSnapshot:
     """Return the ControlSnapshot of the files' load result and discovered documents.
 
@@ -144,8 +169,11 @@ def build(
         raise ConfigError(files.errors, files.warnings)
     file_documents = list(files.documents) if files is not None else []
     documents = merge_discovered(file_documents, discovered) if discovered else file_documents
-    sent = [_sanitised_mesh(d, registrations) if d.get("kind") == "Mesh" else d for d in documents]
-    encoded = [_dumps(d) for d in sent]
+    cache = cache if cache is not None else EncodingCache()
+    used: dict[int, tuple] = {}
+    pairs = [cache.encode(d, registrations, used) for d in documents]
+    sent = [p[0] for p in pairs]
+    encoded = [p[1] for p in pairs]
     version = hashlib.sha256(b"\n".join(encoded)).hexdigest()[:12]
     if discovered:
         snapshot = load_objects(documents, source="<discovery>", version=version)
@@ -157,4 +185,5 @@ def build(
     shared = b",".join(e for i, e in enumerate(encoded) if i not in inbound)
     # Documents and the Snapshot's resources are in the same order.
     index = {id(r): i for i, r in enumerate(snapshot.resources) if i in inbound}
+    cache.keep(used)
     return ControlSnapshot(version, tuple(generation), tuple(sent), snapshot, shared, inbound, index)

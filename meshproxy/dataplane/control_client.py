@@ -116,7 +116,7 @@ class ControlClient:
             self.connected = False
             failures = 0 if got_any else failures + 1
             self.reconnects += 1
-            delay = self.rng.uniform(0, min(BACKOFF_MAX, BACKOFF_BASE * 2 ** failures))
+            delay = self.rng.uniform(0, min(BACKOFF_MAX, BACKOFF_BASE * 2 ** min(failures, 30)))
             await asyncio.sleep(delay)
 
     async def _watch_once(self) -> bool:

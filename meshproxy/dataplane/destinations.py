@@ -15,8 +15,9 @@ import asyncio
 import random
 from typing import Callable
 
+from meshproxy.dataplane.tls import TLSState
 from meshproxy.dataplane.upstream import ConnectionPool
-from meshproxy.http1.errors import BadRequest, NoEndpoints, NoHealthyEndpoints, UnknownDestination
+from meshproxy.http1.errors import BadRequest, NoEndpoints, NoHealthyEndpoints, Unauthorized, UnknownDestination
 from meshproxy.http1.events import RequestHead
 from meshproxy.policy.balancer import EndpointLoad, make_balancer
 from meshproxy.policy.breaker import PROBING, CircuitBreaker
@@ -187,12 +188,25 @@ def split_authority(authority: bytes) -> tuple[str, int | None]:
     return host, int(port)
 
 
+SERVICE_ACCOUNT_LABEL = "meshproxy.io/service-account"
+
+
+def expected_identity(trust_domain: str, service, instance) -> str:
+    """The SPIFFE ID a meshed instance's sidecar must prove (spec §5): its ServiceAccount's
+    (Kubernetes discovery labels it), else, outside Kubernetes, the Service's name."""
+    account = instance.labels.get(SERVICE_ACCOUNT_LABEL) or service.name
+    return f"spiffe://{trust_domain}/ns/{service.namespace}/sa/{account}"
+
+
 class Destinations:
     """Builds and keeps the ServiceRuntime objects of one configuration snapshot."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, metrics, rng: random.Random,
-                 clock: Callable[[], float]) -> None:
+                 clock: Callable[[], float], tls: TLSState | None = None) -> None:
+        """`tls`: the proxy's TLS state when it has an identity (control-plane mode); calls to
+        meshed endpoints then use mTLS unless their Service's PeerAuthentication disables it."""
         self.loop = loop
+        self.tls = tls
         self.metrics = metrics
         self.rng = rng
         self.clock = clock
@@ -207,12 +221,15 @@ class Destinations:
         endpoints: dict[tuple, EndpointRuntime] = {}
         for key, service in snapshot.services.items():
             policy = snapshot.policy_for(key)
+            mtls = self.tls is not None and snapshot.mtls_mode_for(key) != "DISABLE"
             runtimes = []
             for instance in service.instances:
                 inbound = instance.sidecar_ports.inbound if instance.meshed else None
                 port = inbound if inbound else instance.app_port
                 meshed = bool(inbound)
-                endpoint = self._endpoint(key, instance.app_host, port, meshed, instance.name, policy)
+                expected = expected_identity(snapshot.trust_domain, service, instance) if meshed and mtls else None
+                endpoint = self._endpoint(key, instance.app_host, port, meshed, instance.name, policy,
+                                          expected)
                 endpoints[(key, endpoint.key)] = endpoint
                 runtimes.append(endpoint)
             balancer = make_balancer(policy.load_balancer.type, self.rng)
@@ -247,9 +264,9 @@ class Destinations:
                 RetryBudget.from_policy(policy.retry.budget, self.clock))
 
     def _endpoint(self, service_key: str, host: str, port: int, meshed: bool, instance: str,
-                  policy) -> EndpointRuntime:
+                  policy, expected_id: str | None = None) -> EndpointRuntime:
         existing = self._endpoints.get((service_key, f"{host}:{port}"))
-        if existing is not None and existing.meshed == meshed:
+        if existing is not None and existing.meshed == meshed and existing.pool.expected_id == expected_id:
             existing.instance = instance
             return existing
         pool_spec = policy.connection_pool
@@ -258,6 +275,8 @@ class Destinations:
             idle_timeout=pool_spec.idle_timeout_for(meshed),
             connect_timeout=pool_spec.connect_timeout,
             metrics=self.metrics,
+            tls=self.tls if expected_id is not None else None,
+            expected_id=expected_id,
         )
         lb = policy.load_balancer
         load = EndpointLoad(f"{host}:{port}", lb.default_rtt, lb.decay, self.clock)
@@ -313,7 +332,7 @@ class OutboundResolver:
         """The runtime of Service `key` (a route's backend), or None when it does not exist."""
         return self.destinations.services.get(key)
 
-    def resolve(self, head: RequestHead) -> tuple[ServiceRuntime, bytes]:
+    def resolve(self, head: RequestHead, down=None) -> tuple[ServiceRuntime, bytes]:
         """Return (service, request target to send upstream).
 
         Raises BadRequest (no usable authority), UnknownDestination (REGISTRY_ONLY, or the
@@ -377,16 +396,39 @@ class OutboundResolver:
         return authority, path
 
 
+CLIENT_ID_HEADER = b"x-meshproxy-client-id"
+
+
 class InboundResolver:
-    """Every inbound request goes to the local app, under the sidecar's own Service."""
+    """Every inbound request goes to the local app, under the sidecar's own Service, once the
+    Service's AuthorizationPolicies allow it (spec §3, §4).
+
+    `x-meshproxy-client-id` is the verified caller's SPIFFE ID: any copy a request brings is
+    removed, and it is set only when the connection is mTLS with a verified client certificate,
+    so the app can trust it."""
 
     direction = "inbound"
 
-    def __init__(self, runtime: ServiceRuntime) -> None:
+    def __init__(self, runtime: ServiceRuntime, authorizer=None) -> None:
         self.runtime = runtime
+        self.authorizer = authorizer  # None: no policy applies, everything is allowed
 
-    def resolve(self, head: RequestHead) -> tuple[ServiceRuntime, bytes]:
-        """Return (the local app's runtime, the target unchanged)."""
+    def resolve(self, head: RequestHead, down=None) -> tuple[ServiceRuntime, bytes]:
+        """Return (the local app's runtime, the target unchanged). Raises Unauthorized when an
+        AuthorizationPolicy refuses the request."""
+        headers = head.headers
+        for name, _ in headers:
+            if len(name) == 21 and name.lower() == CLIENT_ID_HEADER:
+                head.headers = headers = [h for h in headers if h[0].lower() != CLIENT_ID_HEADER]
+                break
+        peer = down.peer_id if down is not None else None
+        authorizer = self.authorizer
+        if authorizer is not None:
+            decision = authorizer.check(peer, head.method.decode("latin-1"), head.target.decode("latin-1"))
+            if not decision.allowed:
+                raise Unauthorized(f"{peer or 'an unauthenticated caller'}: {decision.reason}")
+        if peer is not None:
+            headers.append((CLIENT_ID_HEADER, peer.encode("latin-1")))
         return self.runtime, head.target
 
     def service(self, key: str) -> ServiceRuntime | None:

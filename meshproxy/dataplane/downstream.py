@@ -15,6 +15,7 @@ from collections import deque
 from typing import TYPE_CHECKING
 
 from meshproxy.dataplane.exchange import Exchange
+from meshproxy.dataplane.tls import peer_identity
 from meshproxy.http1.errors import HeaderTimeout, ProxyError, error_response
 from meshproxy.http1.events import END_OF_MESSAGE, RequestHead, Upgrade
 from meshproxy.http1.reader import RequestReader
@@ -39,7 +40,7 @@ class DownstreamConnection(asyncio.Protocol):
     __slots__ = (
         "listener", "loop", "resolver", "metrics", "direction", "transport", "reader",
         "current", "parsing", "queue", "_paused", "_state", "_deadline", "_timer", "_closing",
-        "_writing_paused", "_tunnel", "_eof",
+        "_writing_paused", "_tunnel", "_eof", "tls", "peer_id",
     )
 
     def __init__(self, listener: "Listener") -> None:
@@ -61,6 +62,8 @@ class DownstreamConnection(asyncio.Protocol):
         self._writing_paused = False
         self._tunnel: "UpstreamConnection | None" = None
         self._eof = False
+        self.tls = False
+        self.peer_id: str | None = None  # the caller's verified SPIFFE ID (inbound mTLS)
 
     # -- asyncio.Protocol ---------------------------------------------------------------------
 
@@ -72,7 +75,12 @@ class DownstreamConnection(asyncio.Protocol):
             # the second one back until the client acknowledges the first.
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.listener.connections.add(self)
-        self.metrics.connection_opened(self.direction, False)
+        ssl_object = transport.get_extra_info("ssl_object")
+        if ssl_object is not None:
+            self.tls = True
+            self.peer_id = peer_identity(ssl_object)
+            self.metrics.tls_handshake(self.direction, "ok")
+        self.metrics.connection_opened(self.direction, self.tls)
         self._arm(_IDLE, self.listener.idle_timeout)
 
     def data_received(self, data: bytes) -> None:
@@ -163,7 +171,7 @@ class DownstreamConnection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._closing = True
         self.listener.connections.discard(self)
-        self.metrics.connection_closed(self.direction, False)
+        self.metrics.connection_closed(self.direction, self.tls)
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None

@@ -131,7 +131,7 @@ class Exchange(Resilience):
     def start(self) -> None:
         """Resolve the destination, apply its routes, pick an endpoint and connect to it."""
         try:
-            service, self.target = self.down.resolver.resolve(self.head)
+            service, self.target = self.down.resolver.resolve(self.head, self.down)
             if service.routes is not None:
                 self.service = service  # metrics name the parent until a backend is chosen
                 service = route(self, service)

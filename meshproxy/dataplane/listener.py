@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
+import socket
 
 from meshproxy.dataplane.downstream import DownstreamConnection
+from meshproxy.dataplane.tls import TLSState, accept_inbound
 from meshproxy.dataplane.exchange import RequestIds
 from meshproxy.dataplane.mirror import Mirrors
+
+log = logging.getLogger("meshproxy.listener")
 
 # Spec §3 "client side": header read timeout and idle keep-alive.
 HEADER_TIMEOUT = 10.0
@@ -33,16 +38,54 @@ class Listener:
         self.draining = False
         self.server: asyncio.base_events.Server | None = None
         self._idle_waiter: asyncio.Future | None = None
+        self.tls: TLSState | None = None
+        self._socket: socket.socket | None = None
+        self._accepting: asyncio.Task | None = None
+        self._setting_up: set[asyncio.Task] = set()
 
-    async def start(self, host: str, port: int) -> int:
-        """Bind and start accepting; return the bound port (useful with port 0)."""
-        self.server = await self.loop.create_server(
-            lambda: DownstreamConnection(self), host, port, reuse_address=True, backlog=1024,
-        )
-        return self.server.sockets[0].getsockname()[1]
+    async def start(self, host: str, port: int, tls: TLSState | None = None) -> int:
+        """Bind and start accepting; return the bound port (useful with port 0).
+
+        With `tls` (the inbound listener of a proxy with an identity), each connection's first
+        bytes decide between TLS and plaintext (see dataplane/tls.py)."""
+        if tls is None:
+            self.server = await self.loop.create_server(
+                lambda: DownstreamConnection(self), host, port, reuse_address=True, backlog=1024,
+            )
+            return self.server.sockets[0].getsockname()[1]
+        self.tls = tls
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(1024)
+        sock.setblocking(False)
+        self._socket = sock
+        self._accepting = asyncio.ensure_future(self._accept_loop(sock))
+        return sock.getsockname()[1]
+
+    async def _accept_loop(self, sock: socket.socket) -> None:
+        while True:
+            try:
+                conn, _ = await self.loop.sock_accept(sock)
+            except OSError as exc:  # EMFILE and the like: keep serving the connections we have
+                log.warning("accept failed: %s", exc)
+                await asyncio.sleep(0.1)
+                continue
+            conn.setblocking(False)
+            task = asyncio.ensure_future(accept_inbound(
+                self.loop, conn, self.tls, lambda: DownstreamConnection(self),
+                first_byte_timeout=self.header_timeout, on_refused=self._refused))
+            self._setting_up.add(task)
+            task.add_done_callback(self._setting_up.discard)
+
+    def _refused(self, reason: str) -> None:
+        self.metrics.tls_handshake(self.direction, "refused-" + reason.split(":")[0])
 
     @property
     def port(self) -> int:
+        if self._socket is not None:
+            return self._socket.getsockname()[1]
         return self.server.sockets[0].getsockname()[1]
 
     def stop_accepting(self) -> None:
@@ -50,6 +93,10 @@ class Listener:
         self.draining = True
         if self.server is not None:
             self.server.close()
+        if self._accepting is not None:
+            self._accepting.cancel()
+            self._accepting = None
+            self._socket.close()
         for conn in list(self.connections):
             conn.close_if_idle()
 

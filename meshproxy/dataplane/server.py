@@ -8,11 +8,14 @@ import logging
 import random
 import signal
 import sys
+import time
 from dataclasses import dataclass, field
 
 from meshproxy.admin import start_servers
 from meshproxy.config import Snapshot
 from meshproxy.dataplane.control_client import ControlClient, watch_target
+from meshproxy.dataplane.tls import Contexts, TLSState
+from meshproxy.policy.authz import Authorizer
 from meshproxy.dataplane.destinations import (
     IDLE_TO_APP,
     Destinations,
@@ -48,6 +51,10 @@ class ProxySettings:
     drain_timeout: float = 25.0
     header_timeout: float = HEADER_TIMEOUT
     client_idle_timeout: float = CLIENT_IDLE_TIMEOUT
+    # Identity (control-plane mode): the credential the CA checks; without one, plaintext.
+    token_file: str | None = None
+    # The inbound mTLS mode when neither a PeerAuthentication nor the Mesh says (spec §3).
+    default_mtls_mode: str = "PERMISSIVE"
 
     @property
     def service_key(self) -> str:
@@ -63,7 +70,10 @@ class Proxy:
         self.loop = loop
         self.metrics = ProxyMetrics()
         self.rng = random.Random()
-        self.destinations = Destinations(loop, self.metrics, self.rng, loop.time)
+        # mTLS needs an identity: a control plane with a CA and a credential for it.
+        self.tls: TLSState | None = TLSState(self.inbound_mtls_mode) if settings.token_file else None
+        self.certificates = None  # identity.client.CertificateManager, once started
+        self.destinations = Destinations(loop, self.metrics, self.rng, loop.time, tls=self.tls)
         self.destinations.apply(snapshot or Snapshot())
         self.has_config = snapshot is not None
         if snapshot is not None:
@@ -84,7 +94,24 @@ class Proxy:
         return True
 
     def is_ready(self) -> bool:
-        return self.ready and self.has_config and self._draining is None
+        has_identity = self.tls is None or self.tls.contexts is not None
+        return self.ready and self.has_config and has_identity and self._draining is None
+
+    def inbound_mtls_mode(self) -> str:
+        """STRICT, PERMISSIVE or DISABLE for this proxy's own Service, from the snapshot."""
+        return self.destinations.snapshot.mtls_mode_for(self.settings.service_key,
+                                                        self.settings.default_mtls_mode)
+
+    def rotate(self, certificate) -> None:
+        """Put a new certificate in force for new connections; open ones keep theirs."""
+        from meshproxy.identity.tls import ssl_contexts
+
+        server, client = ssl_contexts(certificate)
+        trust_domain = certificate.spiffe_id.split("/")[2]
+        self.tls.rotate(Contexts(server, client, certificate.spiffe_id, trust_domain))
+        self.metrics.set_cert_expiry(certificate.expires)
+        log.info("certificate for %s in force until %s", certificate.spiffe_id,
+                 time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(certificate.expires)))
 
     def config_json(self) -> dict:
         snapshot = self.destinations.snapshot
@@ -119,6 +146,7 @@ class Proxy:
         if self._inbound_resolver is not None:
             self._inbound_resolver.runtime = self._make_inbound_runtime(self._inbound_runtime)
             self._inbound_runtime = self._inbound_resolver.runtime
+            self._inbound_resolver.authorizer = self._authorizer(snapshot)
         log.info("configuration %s in force", snapshot.version)
 
     def refuse(self, errors: list[str]) -> None:
@@ -127,6 +155,10 @@ class Proxy:
         self.last_error = {"errors": errors}
         log.error("configuration change refused; keeping version %s:\n  %s",
                   self.destinations.snapshot.version if self.has_config else "none", "\n  ".join(errors))
+
+    def _authorizer(self, snapshot: Snapshot) -> Authorizer | None:
+        policies = snapshot.authorization_policies_for(self.settings.service_key)
+        return Authorizer(policies) if policies else None
 
     # -- life cycle ---------------------------------------------------------------------------
 
@@ -143,12 +175,13 @@ class Proxy:
         s.outbound_port = await outbound.start(s.outbound_bind, s.outbound_port)
         self.listeners.append(outbound)
         self._inbound_runtime = self._make_inbound_runtime(None)
-        self._inbound_resolver = InboundResolver(self._inbound_runtime)
+        self._inbound_resolver = InboundResolver(self._inbound_runtime,
+                                                 self._authorizer(self.destinations.snapshot))
         inbound = Listener(
             self.loop, self._inbound_resolver, self.metrics, self.rng,
             header_timeout=s.header_timeout, idle_timeout=s.client_idle_timeout,
         )
-        s.inbound_port = await inbound.start(s.inbound_bind, s.inbound_port)
+        s.inbound_port = await inbound.start(s.inbound_bind, s.inbound_port, tls=self.tls)
         self.listeners.append(inbound)
         own_ports.update({("127.0.0.1", s.outbound_port), ("127.0.0.1", s.inbound_port)})
         self.admin = await start_servers(self, "127.0.0.1", s.admin_port, "0.0.0.0", s.health_port)
@@ -220,6 +253,29 @@ async def _follow_files(proxy: Proxy, watcher) -> None:
             proxy.apply(Snapshot(result.resources, warnings=result.warnings, files=result.files))
 
 
+async def _both(*tasks: asyncio.Future) -> None:
+    """Run `tasks` until one fails or this is cancelled (then cancel them all)."""
+    try:
+        await asyncio.gather(*tasks)
+    finally:
+        for task in tasks:
+            task.cancel()
+
+
+async def _follow_identity(proxy: Proxy, control_url: str, token_file: str) -> None:
+    """Get this proxy's certificate from the control plane's CA and renew it at 70% of its
+    lifetime; `proxy.rotate` puts each in force. The token is read anew for every request (a
+    projected ServiceAccount token is rotated by the kubelet)."""
+    from meshproxy.identity.client import CertificateManager
+
+    def token() -> str:
+        with open(token_file, encoding="utf-8") as f:
+            return f.read().strip()
+
+    proxy.certificates = CertificateManager(control_url, token, rng=proxy.rng, on_rotate=proxy.rotate)
+    await proxy.certificates.run()
+
+
 async def serve(settings: ProxySettings, snapshot: Snapshot | None, *, control_url: str | None = None,
                 watcher=None) -> int:
     """Run the proxy until SIGTERM/SIGINT or POST /drain has drained it; return 0.
@@ -238,6 +294,9 @@ async def serve(settings: ProxySettings, snapshot: Snapshot | None, *, control_u
             on_refused=proxy.refuse, rng=proxy.rng,
         )
         follower = asyncio.ensure_future(proxy.control.run())
+        if settings.token_file:
+            identity = asyncio.ensure_future(_follow_identity(proxy, control_url, settings.token_file))
+            follower = asyncio.ensure_future(_both(follower, identity))
     elif watcher is not None:
         follower = asyncio.ensure_future(_follow_files(proxy, watcher))
     # Everything made at start-up (modules, configuration) lives as long as the process:
@@ -302,7 +361,12 @@ def run_proxy(args) -> int:
         health_port=args.health_port, app_host=args.app_host, app_port=args.app_port,
         drain_timeout=args.drain_timeout, header_timeout=args.header_timeout,
         client_idle_timeout=args.client_idle_timeout,
+        token_file=args.token_file, default_mtls_mode=args.default_mtls_mode,
     )
+    if settings.token_file and not args.control:
+        print("meshproxy proxy: --token-file needs --control (the CA is the control plane's)",
+              file=sys.stderr)
+        return 2
     main = serve(settings, snapshot, control_url=args.control, watcher=watcher)
     if not args.no_uvloop:
         import uvloop

@@ -12,8 +12,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import ssl
 from typing import TYPE_CHECKING
 
+from meshproxy.dataplane.tls import TLSState, peer_identity
 from meshproxy.http1.errors import ConnectFailure, ProxyError
 from meshproxy.http1.events import END_OF_MESSAGE, ResponseHead, Upgrade
 from meshproxy.http1.reader import ResponseReader
@@ -147,11 +149,16 @@ class ConnectionPool:
 
     __slots__ = (
         "loop", "host", "port", "idle_timeout", "connect_timeout", "metrics", "idle",
-        "_sweep", "open_count",
+        "_sweep", "open_count", "tls", "expected_id",
     )
 
     def __init__(self, loop: asyncio.AbstractEventLoop, host: str, port: int, *,
-                 idle_timeout: float, connect_timeout: float, metrics) -> None:
+                 idle_timeout: float, connect_timeout: float, metrics,
+                 tls: "TLSState | None" = None, expected_id: str | None = None) -> None:
+        """With `tls`, connections are mTLS (once the proxy has a certificate) and the server
+        must prove `expected_id`, the SPIFFE ID the endpoint should have (spec §5)."""
+        self.tls = tls
+        self.expected_id = expected_id
         self.loop = loop
         self.host = host
         self.port = port
@@ -177,16 +184,35 @@ class ConnectionPool:
         return None
 
     async def connect(self) -> UpstreamConnection:
-        """Open a new connection. Raises ConnectFailure (refused, unreachable, or timed out)."""
+        """Open a new connection. Raises ConnectFailure (refused, unreachable, timed out, or a
+        TLS peer that failed the handshake or is not who the endpoint should be)."""
+        contexts = self.tls.contexts if self.tls is not None else None
         try:
             async with asyncio.timeout(self.connect_timeout):
-                _, conn = await self.loop.create_connection(
-                    lambda: UpstreamConnection(self), self.host, self.port
-                )
+                if contexts is None:
+                    _, conn = await self.loop.create_connection(
+                        lambda: UpstreamConnection(self), self.host, self.port
+                    )
+                else:
+                    # Identity is the SPIFFE ID checked below, not a DNS name: no SNI needed.
+                    _, conn = await self.loop.create_connection(
+                        lambda: UpstreamConnection(self), self.host, self.port,
+                        ssl=contexts.client, server_hostname="",
+                    )
         except TimeoutError:
             raise ConnectFailure(f"connect to {self.host}:{self.port} timed out") from None
+        except ssl.SSLError as exc:
+            self.metrics.tls_handshake("outbound", "error")
+            raise ConnectFailure(f"TLS to {self.host}:{self.port}: {exc.reason or exc}") from None
         except OSError as exc:
             raise ConnectFailure(f"connect to {self.host}:{self.port}: {exc.strerror or exc}") from None
+        if contexts is not None:
+            peer = peer_identity(conn.transport.get_extra_info("ssl_object"))
+            if self.expected_id is not None and peer != self.expected_id:
+                self.metrics.tls_handshake("outbound", "wrong-identity")
+                conn.transport.abort()
+                raise ConnectFailure(f"{self.host}:{self.port} is {peer}, expected {self.expected_id}")
+            self.metrics.tls_handshake("outbound", "ok")
         sock = conn.transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)

@@ -8,8 +8,10 @@ port when it starts watching, and the control plane tells the others. `up` waits
 part is ready, prints the table, restarts a child that dies (with backoff), and on Ctrl-C or
 SIGTERM drains the sidecars, stops the apps and then the control plane.
 
-mTLS comes with the identity work; until then sidecars speak plaintext whatever the file says
-about mTLS, and `up` says so.
+Unless the Mesh disables mTLS, `up` makes the mesh's CA and one bootstrap token per Service in
+its state directory (files 0600, folders 0700): each sidecar proves its Service's identity with
+its token and gets a short-lived certificate from the control plane, and sidecars speak mTLS
+to each other, STRICT unless a PeerAuthentication says otherwise.
 """
 
 from __future__ import annotations
@@ -102,13 +104,32 @@ def control_address(snapshot, taken: set[int]) -> tuple[str, int]:
     return "127.0.0.1", free_port(taken)
 
 
-def control_child(mesh_file: Path, host: str, port: int) -> Child:
+def control_child(mesh_file: Path, host: str, port: int, identity: Path | None) -> Child:
     argv = [sys.executable, "-m", "meshproxy", "control", "--config", str(mesh_file),
             "--listen", f"{host}:{port}"]
+    if identity is not None:
+        argv += ["--ca-dir", str(identity / "ca"), "--tokens-dir", str(identity / "tokens")]
     return Child(name="control", argv=argv)
 
 
-def sidecar_child(p: PlannedInstance, control_url: str) -> Child:
+def make_identities(state_dir: Path, trust_domain: str, planned: list[PlannedInstance]) -> Path:
+    """Make the mesh's CA and one bootstrap token per meshed Service (files 0600 in folders
+    0700 under the state directory); return the folder."""
+    from meshproxy.identity.ca import init_ca
+    from meshproxy.identity.tokens import BootstrapTokens
+
+    folder = state_dir / "identity"
+    folder.mkdir(mode=0o700, exist_ok=True)
+    if not (folder / "ca" / "issuer.crt").exists():
+        init_ca(folder / "ca", trust_domain)
+    tokens = BootstrapTokens(folder / "tokens", trust_domain)
+    for p in planned:
+        if p.meshed and not tokens.path(p.namespace, p.service).exists():
+            tokens.issue(p.namespace, p.service)
+    return folder
+
+
+def sidecar_child(p: PlannedInstance, control_url: str, identity: Path | None = None) -> Child:
     argv = [
         sys.executable, "-m", "meshproxy", "proxy", "--control", control_url,
         "--service", p.service, "--namespace", p.namespace, "--instance", p.name,
@@ -117,6 +138,10 @@ def sidecar_child(p: PlannedInstance, control_url: str) -> Child:
         "--app-host", p.app_host, "--app-port", str(p.app_port),
         "--inbound-bind", "127.0.0.1",
     ]
+    if identity is not None:
+        # spec §3: `meshproxy up` runs STRICT unless the files say otherwise.
+        argv += ["--token-file", str(identity / "tokens" / f"{p.namespace}.{p.service}.token"),
+                 "--default-mtls-mode", "STRICT"]
     return Child(name=f"{p.name}/proxy", argv=argv)
 
 
@@ -249,23 +274,23 @@ async def run_mesh(mesh_file: Path, state_dir: Path, out=sys.stdout) -> int:
     control_host, control_port = control_address(snapshot, taken)
     control_url = f"http://{control_host}:{control_port}"
     mtls_mode = snapshot.mesh.mtls_mode or "STRICT"  # spec §3: `up` defaults to STRICT
+    identity = None
     if mtls_mode != "DISABLE":
-        print(f"warning: the Mesh asks for mTLS ({mtls_mode}); this version's sidecars speak "
-              "plaintext to each other", file=out)
+        identity = make_identities(state_dir, snapshot.trust_domain, planned)
     supervisor = Supervisor(state_dir / "logs", out=out)
     restarts = _Restarts(supervisor, out)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
-    control = control_child(mesh_file, control_host, control_port)
+    control = control_child(mesh_file, control_host, control_port, identity)
     sidecars: list[Child] = []
     apps: list[Child] = []
     try:
         await supervisor.start(control)
         for p in planned:
             if p.meshed:
-                sidecars.append(sidecar_child(p, control_url))
+                sidecars.append(sidecar_child(p, control_url, identity))
             if p.command:
                 apps.append(app_child(p, mesh_file.parent, state_dir))
         for child in [*sidecars, *apps]:

@@ -56,6 +56,14 @@ def test_the_demo_runs_end_to_end(tmp_path: Path) -> None:
         assert inbound["package.default"]["success_rate"] < 1.0
         assert outbound["package.default"]["success_rate"] > inbound["package.default"]["success_rate"]
         assert outbound["package.default"]["success_rate"] >= 0.99
+        # mTLS and authorization: only the scheduler may call `account`.
+        ingestion = next(line for line in out.lines if line.startswith("ingestion.default "))
+        ingestion_outbound = ingestion.split()[3]
+        denied = subprocess.run(["curl", "-s", "-i", "-H", "Host: account",
+                                 f"http://{ingestion_outbound}/api/accounts/acct-0001"],
+                                capture_output=True, text=True, timeout=10).stdout
+        assert denied.startswith("HTTP/1.1 403") and "x-meshproxy-error: unauthorized" in denied, denied
+        assert _stat(control, "inbound")["account.default"]["requests"] > 0
         # Calls to the canary parent `delivery` show as the two versions its route splits them to.
         assert outbound["delivery-v1.default"]["requests"] > outbound["delivery-v2.default"]["requests"] > 0
     finally:

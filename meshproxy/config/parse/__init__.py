@@ -13,7 +13,7 @@ from meshproxy.config.parse.fields import Obj, Reader
 from meshproxy.config.parse.mesh import parse_mesh
 from meshproxy.config.parse.policy import parse_authorization_policy, parse_peer_authentication, parse_traffic_policy
 from meshproxy.config.parse.route import parse_http_route
-from meshproxy.config.yamlsource import YNode
+from meshproxy.config.yamlsource import YNode, to_python
 
 _Parser = Callable[[Obj, ObjectMeta, Source], Resource]
 # kind -> (accepted apiVersions, the first being the current one; parser)
@@ -41,6 +41,14 @@ class Parsed:
     paths: dict[str, Pos] = field(default_factory=dict)
     refs: list[tuple[str, str, int | None]] = field(default_factory=list)
     node: YNode | None = None  # the document as written, for sending it on (control plane)
+    _plain: dict | None = field(default=None, repr=False)
+
+    def document(self) -> dict:
+        """The document as plain data (made once: a parse cached for an unchanged file gives
+        the same object on every load, which the control plane's encoding cache relies on)."""
+        if self._plain is None:
+            self._plain = to_python(self.node)
+        return self._plain
 
     def pos(self, path: str) -> Pos:
         """Where the field `path` was written (the document's start when unknown)."""

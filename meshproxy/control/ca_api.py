@@ -1,0 +1,123 @@
+"""The control plane's certificate endpoints (spec §5), added to its aiohttp application.
+
+    POST /v1/certificates   {"csr": PEM, "token": CREDENTIAL}   (or `Authorization: Bearer CREDENTIAL`)
+      200 {"spiffe_id": ID, "certificate_chain": PEM, "trust_bundle": PEM, "expires": UNIX_TIME}
+      400 the body is not that JSON, or the CSR is malformed, badly signed or not ECDSA P-256
+      401 no credential, or one that proves no identity
+      403 the CSR asks for another identity than the credential proves
+      503 the credential could not be checked now (API server unreachable): try again
+    GET /v1/trust-bundle    the trust anchor, PEM
+
+Every error answer is JSON `{"error": "..."}`. The credential is checked before the CSR is
+read, so a caller without one learns nothing about what the CA would accept. Answers are
+counted in `meshproxy_control_certificates_total{result}`: register the returned
+CertificateCounts in the application's metrics registry.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Awaitable, Callable, Iterator
+
+from aiohttp import web
+from prometheus_client.metrics_core import CounterMetricFamily
+
+from meshproxy.identity.ca import DEFAULT_LIFETIME, CertificateAuthority
+from meshproxy.identity.spiffe import CSRError, IdentityError, IdentityMismatch
+from meshproxy.identity.tokens import VerifierUnavailable
+
+log = logging.getLogger("meshproxy.control.ca")
+RESULTS = ("issued", "bad_request", "unauthenticated", "forbidden", "unavailable", "error")
+MAX_BODY = 65_536  # a CSR and a token fit many times over
+PEM_TYPE = "application/x-pem-file"
+
+
+@dataclass(eq=False)  # a collector is registered by identity: it must stay hashable
+class CertificateCounts:
+    """Answers of `POST /v1/certificates` by result; a prometheus-client collector."""
+
+    counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(RESULTS, 0))
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        family = CounterMetricFamily("meshproxy_control_certificates", "Certificate requests answered, by result",
+                                     labels=["result"])
+        for result, value in self.counts.items():
+            family.add_metric([result], value)
+        yield family
+
+
+def _error(status: int, message: str, **headers: str) -> web.Response:
+    return web.json_response({"error": message}, status=status, headers=headers or None)
+
+
+def _bearer(request: web.Request) -> str:
+    scheme, _, value = request.headers.get("Authorization", "").partition(" ")
+    return value.strip() if scheme.lower() == "bearer" else ""
+
+
+def add_ca_routes(app: web.Application, ca: CertificateAuthority,
+                  verify: Callable[[str], Awaitable[str | None]], *,
+                  lifetime: float = DEFAULT_LIFETIME) -> CertificateCounts:
+    """Add `POST /v1/certificates` and `GET /v1/trust-bundle` to `app`: certificates signed by
+    `ca` for the identity `verify(token)` returns, valid `lifetime` seconds. Return the
+    counters of the answers given."""
+    counts = CertificateCounts()
+
+    def answer(result: str, response: web.Response) -> web.Response:
+        counts.counts[result] += 1
+        return response
+
+    async def certificates(request: web.Request) -> web.Response:
+        # request.read() stops at the application's client_max_size (413 past it).
+        raw = await request.read()
+        if len(raw) > MAX_BODY:
+            return answer("bad_request", _error(400, f"body over {MAX_BODY} bytes"))
+        try:
+            body = json.loads(raw or b"null")
+        except ValueError:  # UnicodeDecodeError included
+            body = None
+        if not isinstance(body, dict):
+            return answer("bad_request", _error(400, 'body must be JSON {"csr": PEM, "token": CREDENTIAL}'))
+        token = body.get("token") or _bearer(request)
+        if not isinstance(token, str) or not token:
+            return answer("unauthenticated", _error(401, "no credential given", **{"WWW-Authenticate": "Bearer"}))
+        try:
+            identity = await verify(token)
+        except VerifierUnavailable as exc:
+            log.warning("cannot check a credential from %s: %s", request.remote, exc)
+            return answer("unavailable", _error(503, f"the credential cannot be checked now: {exc}",
+                                                **{"Retry-After": "1"}))
+        if identity is None:
+            return answer("unauthenticated", _error(401, "the credential proves no identity",
+                                                    **{"WWW-Authenticate": "Bearer"}))
+        csr = body.get("csr")
+        if not isinstance(csr, str):
+            return answer("bad_request", _error(400, '"csr" must be a PEM certificate signing request'))
+        try:
+            issued = ca.issue(csr.encode(), identity, lifetime)
+        except CSRError as exc:
+            return answer("bad_request", _error(400, str(exc)))
+        except IdentityMismatch as exc:
+            log.warning("refused a certificate to %s: %s", request.remote, exc)
+            return answer("forbidden", _error(403, str(exc)))
+        except IdentityError as exc:  # the CA cannot sign for what the verifier proved
+            log.error("cannot sign for %s: %s", identity, exc)
+            return answer("error", _error(500, str(exc)))
+        log.info("issued a certificate for %s (serial %x) until %s to %s", identity, issued.serial,
+                 datetime.fromtimestamp(issued.expires, timezone.utc).isoformat(), request.remote)
+        return answer("issued", web.json_response({
+            "spiffe_id": identity,
+            "certificate_chain": issued.chain_pem.decode(),
+            "trust_bundle": ca.trust_bundle().decode(),
+            "expires": issued.expires,
+        }))
+
+    async def trust_bundle(request: web.Request) -> web.Response:
+        return web.Response(body=ca.trust_bundle(), content_type=PEM_TYPE)
+
+    app.router.add_post("/v1/certificates", certificates)
+    app.router.add_get("/v1/trust-bundle", trust_bundle)
+    return counts
