@@ -5,8 +5,9 @@ ones aside, as the loader skips them), the folder of each file given, read or na
 policy (and of the file a symlink points at), and for a path that does not exist yet the nearest
 folder above it that does. Each folder is watched one level deep, as a file's folder may be
 large; a new subfolder shows up in its parent, and the reload that follows watches it too.
-In the folder of a named file, events count for that name and for hidden entries: an editor's
+In the folder of a named file, events count for that name and for `..` entries: an editor's
 save by rename shows up under the original's name, a ConfigMap update as a rename over `..data`.
+Entries with one leading dot (editors' temporary and swap files) never count.
 A reload whose files hold the same bytes as before yields nothing.
 """
 
@@ -208,6 +209,11 @@ class _Batches:
 def _wanted(watched: Watched) -> Callable[[Change, str], bool]:
     def wanted(change: Change, path: str) -> bool:
         parent, name = os.path.split(path)
+        if name.startswith(".") and not name.startswith(".."):
+            # An editor's temporary or swap file (`.mesh.yaml.tmp`): the loader never reads it,
+            # and the rename that follows is an event of its own. Reloading for it too made
+            # every save by rename cost two reloads. (A ConfigMap's entries start with "..".)
+            return path in watched
         names = watched.get(parent, frozenset())
         return path in watched or names is None or name in names or (parent in watched and name.startswith("."))
 
