@@ -206,6 +206,8 @@ class ConnectionPool:
             raise ConnectFailure(f"TLS to {self.host}:{self.port}: {exc.reason or exc}") from None
         except OSError as exc:
             raise ConnectFailure(f"connect to {self.host}:{self.port}: {exc.strerror or exc}") from None
+        # Counted as soon as it is open: closing it (below, or later) is what uncounts it.
+        self.open_count += 1
         if contexts is not None:
             peer = peer_identity(conn.transport.get_extra_info("ssl_object"))
             if self.expected_id is not None and peer != self.expected_id:
@@ -216,7 +218,6 @@ class ConnectionPool:
         sock = conn.transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.open_count += 1
         return conn
 
     def release(self, conn: UpstreamConnection) -> None:

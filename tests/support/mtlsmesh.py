@@ -28,7 +28,7 @@ import yaml
 
 from meshproxy.identity.ca import CertificateAuthority, init_ca
 from meshproxy.identity.csr import make_csr, new_key
-from meshproxy.identity.tls import Certificate, ssl_contexts
+from meshproxy.identity.tls import Certificate, peer_spiffe_id, ssl_contexts
 from meshproxy.identity.tokens import BootstrapTokens
 from support.control import ControlProcess
 from support.proxy import ProxyProcess, wait_for
@@ -191,8 +191,6 @@ def tls_exchange(port: int, context: ssl.SSLContext, payload: bytes, timeout: fl
     (or an answer with `Connection: close` ends). In TLS 1.3 the client's handshake completes
     before the server has checked the client certificate, so a refusal of that certificate
     shows on the first read."""
-    from meshproxy.identity.tls import peer_spiffe_id
-
     raw = socket.create_connection(("127.0.0.1", port), timeout=timeout)
     handshake, server_id, data = False, None, b""
     try:
