@@ -71,6 +71,10 @@ def _add_proxy(sub: argparse._SubParsersAction) -> None:
                    help="idle keep-alive time for client connections")
     p.add_argument("--log-level", default=_env_default("log_level", "info"),
                    choices=["debug", "info", "warning", "error"])
+    p.add_argument("--access-log", nargs="?", const="-", default=_env_default("access_log", None),
+                   metavar="PATH|-",
+                   help="write one JSON line per request to PATH, or to stdout with `-` or no "
+                   "value (env MESHPROXY_ACCESS_LOG; default off); see docs/observability.md")
     p.add_argument("--no-uvloop", action="store_true", help="use the standard asyncio loop")
 
 
@@ -127,10 +131,15 @@ def _add_up(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--state-dir", default=None, help="folder for logs and state (default: a temporary one)")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The parser of every command; with `only="proxy"`, of the sidecar's alone: the other
+    commands' modules are then not even imported (a sidecar's memory is counted per pod)."""
     parser = argparse.ArgumentParser(prog="meshproxy", description="A service mesh in Python.")
     parser.add_argument("--version", action="version", version=f"meshproxy {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    if only == "proxy":
+        _add_proxy(sub)
+        return parser
     _add_up(sub)
     _add_control(sub)
     _add_proxy(sub)
@@ -138,15 +147,18 @@ def build_parser() -> argparse.ArgumentParser:
     from meshproxy import stat_cli
     from meshproxy.demo import load as demo_load
     from meshproxy.identity import cli as ca_cli
+    from meshproxy.kube import init_cli
 
     stat_cli.add_parser(sub)
     demo_load.add_parser(sub)
     ca_cli.add_parser(sub)
+    init_cli.add_parser(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    words = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser("proxy" if words[:1] == ["proxy"] else None)
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
@@ -163,6 +175,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from meshproxy import stat_cli
 
         return stat_cli.run(args)
+    if args.command == "init":
+        from meshproxy.kube import init_cli
+
+        return init_cli.run(args)
     if args.command == "ca":
         from meshproxy.identity import cli as ca_cli
 
