@@ -75,7 +75,25 @@ def _add_proxy(sub: argparse._SubParsersAction) -> None:
                    metavar="PATH|-",
                    help="write one JSON line per request to PATH, or to stdout with `-` or no "
                    "value (env MESHPROXY_ACCESS_LOG; default off); see docs/observability.md")
+    p.add_argument("--transparent", action="store_true",
+                   default=_env_flag("transparent"),
+                   help="transparent mode (env MESHPROXY_TRANSPARENT=true): connections redirected "
+                   "by `meshproxy init` go to their original destination; non-HTTP traffic is "
+                   "proxied as TCP")
+    p.add_argument("--opaque-ports", default=_env_default("opaque_ports", None), metavar="PORTS",
+                   help="ports proxied as TCP without protocol detection, in addition to 25, 587, "
+                   "3306, 4444, 5432, 6379, 9300, 11211 (e.g. 8000-8010,9000; env "
+                   "MESHPROXY_OPAQUE_PORTS); transparent mode")
+    p.add_argument("--detect-timeout", type=float, default=0.1, metavar="SECONDS",
+                   help="transparent mode: how long a silent connection waits before it is taken "
+                   "for a server-first protocol (TCP)")
     p.add_argument("--no-uvloop", action="store_true", help="use the standard asyncio loop")
+
+
+def _env_flag(name: str) -> bool:
+    """A MESHPROXY_<NAME> switch: true for 1, true, yes, on (any case)."""
+    value = os.environ.get("MESHPROXY_" + name.upper(), "")
+    return value.strip().lower() in ("1", "true", "yes", "on")
 
 
 def _add_control(sub: argparse._SubParsersAction) -> None:
@@ -147,12 +165,13 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     from meshproxy import stat_cli
     from meshproxy.demo import load as demo_load
     from meshproxy.identity import cli as ca_cli
-    from meshproxy.kube import init_cli
+    from meshproxy.kube import init_cli, inject_cli
 
     stat_cli.add_parser(sub)
     demo_load.add_parser(sub)
     ca_cli.add_parser(sub)
     init_cli.add_parser(sub)
+    inject_cli.add_parser(sub)
     return parser
 
 
@@ -175,6 +194,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from meshproxy import stat_cli
 
         return stat_cli.run(args)
+    if args.command == "inject":
+        from meshproxy.kube import inject_cli
+
+        return inject_cli.run(args)
     if args.command == "init":
         from meshproxy.kube import init_cli
 
