@@ -165,13 +165,14 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     from meshproxy import stat_cli
     from meshproxy.demo import load as demo_load
     from meshproxy.identity import cli as ca_cli
-    from meshproxy.kube import init_cli, inject_cli
+    from meshproxy.kube import init_cli, inject_cli, webhook
 
     stat_cli.add_parser(sub)
     demo_load.add_parser(sub)
     ca_cli.add_parser(sub)
     init_cli.add_parser(sub)
     inject_cli.add_parser(sub)
+    webhook.add_parser(sub)
     return parser
 
 
@@ -194,6 +195,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from meshproxy import stat_cli
 
         return stat_cli.run(args)
+    if args.command == "webhook":
+        from meshproxy.kube import webhook
+
+        return webhook.run(args)
     if args.command == "inject":
         from meshproxy.kube import inject_cli
 

@@ -45,6 +45,32 @@ async def _follow_kubernetes(plane: ControlPlane, kubeconfig: str | None, trust_
         await api.close()
 
 
+def _trust_domain(paths: list[str]) -> str:
+    from meshproxy.config import load
+
+    mesh = next((r for r in load(paths).resources if isinstance(r, Mesh)), None) if paths else None
+    return mesh.trust_domain if mesh is not None else "cluster.local"
+
+
+async def _bootstrap_until_done(api_client, trust_domain: str):
+    """Create (or read) the CA Secret, the webhook certificate and its caBundle; retry with
+    backoff while the API server refuses or fails; return the CA."""
+    import os
+    import random
+
+    from meshproxy.kube.bootstrap import Names, bootstrap
+
+    names = Names(namespace=os.environ.get("POD_NAMESPACE", Names.namespace))
+    delay = 0.5
+    while True:
+        try:
+            return await bootstrap(api_client, trust_domain=trust_domain, names=names)
+        except Exception as exc:  # API errors, RBAC, a race lost to another replica
+            log.warning("first-start set-up (CA Secret, webhook certificate) failed: %s; retrying", exc)
+            await asyncio.sleep(random.uniform(0, delay))
+            delay = min(delay * 2, 30.0)
+
+
 def _verifier(verifiers: list):
     """One credential check from several: the first that proves an identity wins."""
     async def verify(token: str) -> str | None:
@@ -64,6 +90,16 @@ async def serve_control(paths: list[str], listen: str | None = None, *, kubernet
     0, or 1 when the configuration given at start is invalid."""
     plane = ControlPlane()
     ca, verifiers, review_client = None, [], None
+    if ca_dir is None and kubernetes:
+        # In a cluster the CA lives in a Secret the first replica creates (with the webhook's
+        # serving certificate and its caBundle), so `kubectl apply -k deploy/` is the whole
+        # installation.
+        from meshproxy.control.kubernetes import make_api_client
+        from meshproxy.identity.tokens import TokenReviewer
+
+        review_client = await make_api_client(kubeconfig)
+        ca = await _bootstrap_until_done(review_client, _trust_domain(paths))
+        verifiers.append(TokenReviewer(review_client, ca.trust_domain).verify)
     if ca_dir is not None:
         from meshproxy.identity.ca import CertificateAuthority
         from meshproxy.identity.tokens import BootstrapTokens, TokenReviewer
