@@ -133,15 +133,19 @@ def admin_routes(state: AdminState) -> _Routes:
     })
 
 
-def health_routes(state: AdminState) -> _Routes:
-    """The health port's routes: ``/live``, ``/ready`` and ``/metrics`` only.
-
-    Rewritten application probes (``/app-health/CONTAINER/livez|readyz|startupz``)
-    belong here as further routes; nothing that changes state does.
-    """
+def health_routes(state: AdminState, app_probes: dict | None = None) -> _Routes:
+    """The health port's routes: ``/live``, ``/ready`` and ``/metrics``, and the app's
+    rewritten probes (``/app-health/CONTAINER/livez|readyz|startupz``, see appprobes.py);
+    nothing that changes state."""
     h = _Handlers(state)
-    return _Routes({b"/live": {b"GET": h.live}, b"/ready": {b"GET": h.ready},
-                    b"/metrics": {b"GET": h.metrics}})
+    table = {b"/live": {b"GET": h.live}, b"/ready": {b"GET": h.ready},
+             b"/metrics": {b"GET": h.metrics}}
+    if app_probes:
+        from meshproxy.appprobes import run_probe
+
+        for path, probe in app_probes.items():
+            table[path] = {b"GET": lambda probe=probe: run_probe(probe)}
+    return _Routes(table)
 
 
 class AdminServers:
@@ -167,7 +171,8 @@ def _log_exception() -> None:
 
 
 async def start_servers(
-    state: AdminState, admin_host: str, admin_port: int, health_host: str, health_port: int
+    state: AdminState, admin_host: str, admin_port: int, health_host: str, health_port: int,
+    app_probes: dict | None = None,
 ) -> AdminServers:
     """Start the admin and health servers and return them, running.
 
@@ -177,7 +182,7 @@ async def start_servers(
     """
     admin = LocalHTTPServer(admin_routes(state), _log_exception)
     admin_port = await admin.start(admin_host, admin_port)
-    health = LocalHTTPServer(health_routes(state), _log_exception)
+    health = LocalHTTPServer(health_routes(state, app_probes), _log_exception)
     try:
         health_port = await health.start(health_host, health_port)
     except BaseException:

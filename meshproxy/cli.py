@@ -60,6 +60,9 @@ def _add_proxy(sub: argparse._SubParsersAction) -> None:
                    help="credential for the control plane's CA (a bootstrap token, or a projected "
                    "ServiceAccount token); with it the sidecar gets a certificate and speaks mTLS "
                    "to meshed peers (env MESHPROXY_TOKEN_FILE)")
+    p.add_argument("--app-probes", default=_env_default("app_probes", None), metavar="JSON",
+                   help="the app's HTTP probes to answer on the health port at /app-health/... "
+                   "(set by injection; env MESHPROXY_APP_PROBES)")
     p.add_argument("--default-mtls-mode", default=_env_default("default_mtls_mode", "PERMISSIVE"),
                    choices=["STRICT", "PERMISSIVE", "DISABLE"],
                    help="inbound mTLS mode when no PeerAuthentication or Mesh sets one")

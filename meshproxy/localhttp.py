@@ -11,7 +11,8 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass, field
 from http import HTTPStatus
-from typing import Callable
+from collections import deque
+from typing import Awaitable, Callable
 
 from meshproxy.http1.errors import ProxyError, error_response
 from meshproxy.http1.events import END_OF_MESSAGE, RequestHead
@@ -39,7 +40,9 @@ class Reply:
         return head if head_request else head + self.body
 
 
-Handler = Callable[[bytes, bytes], Reply]  # (method, path without query) -> Reply
+# (method, path without query) -> Reply, or a coroutine giving one (an app probe, which asks
+# the app); requests on a connection are still answered in order.
+Handler = Callable[[bytes, bytes], "Reply | Awaitable[Reply]"]
 
 
 class _Connection(asyncio.Protocol):
@@ -49,6 +52,8 @@ class _Connection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.timer: asyncio.TimerHandle | None = None
         self.head: RequestHead | None = None
+        self.waiting: deque[RequestHead] = deque()  # requests behind one being answered
+        self.busy = False
 
     def connection_made(self, transport) -> None:
         self.transport = transport
@@ -82,12 +87,37 @@ class _Connection(asyncio.Protocol):
                 return
 
     def _answer(self, head: RequestHead) -> None:
+        if self.busy:
+            self.waiting.append(head)
+            return
         path = head.target.split(b"?", 1)[0]
         try:
             reply = self.server.handler(head.method, path)
         except Exception:  # a handler bug must not take the proxy down
             self.server.log_exception()
             reply = Reply(500, b"internal error\n")
+        if asyncio.iscoroutine(reply):
+            self.busy = True
+            task = asyncio.ensure_future(reply)
+            task.add_done_callback(lambda done: self._answered(head, done))
+            return
+        self._send(head, reply)
+
+    def _answered(self, head: RequestHead, done: asyncio.Future) -> None:
+        self.busy = False
+        if done.cancelled() or done.exception() is not None:
+            if not done.cancelled():
+                self.server.log_exception()
+            reply = Reply(500, b"internal error\n")
+        else:
+            reply = done.result()
+        if self.transport is None or self.transport.is_closing():
+            return
+        self._send(head, reply)
+        while self.waiting and not self.busy and not self.transport.is_closing():
+            self._answer(self.waiting.popleft())
+
+    def _send(self, head: RequestHead, reply: Reply) -> None:
         keep = head.keep_alive and not self.server.closing
         self.transport.write(reply.encode(head.method == b"HEAD", keep))
         if keep:

@@ -166,6 +166,7 @@ class Resilience:
             if conn is not None:
                 conn.exchange = None
                 conn.abort()
+            self.error = Timeout.reason
             self._abort_client()
 
     def _cancel_timers(self) -> None:

@@ -202,11 +202,16 @@ class Destinations:
     """Builds and keeps the ServiceRuntime objects of one configuration snapshot."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, metrics, rng: random.Random,
-                 clock: Callable[[], float], tls: TLSState | None = None) -> None:
+                 clock: Callable[[], float], tls: TLSState | None = None,
+                 transparent: bool = False) -> None:
         """`tls`: the proxy's TLS state when it has an identity (control-plane mode); calls to
-        meshed endpoints then use mTLS unless their Service's PeerAuthentication disables it."""
+        meshed endpoints then use mTLS unless their Service's PeerAuthentication disables it.
+        `transparent`: the mesh redirects connections to sidecars (Kubernetes), so a meshed
+        instance whose sidecar port is not known is still meshed at its app's address: the
+        destination's iptables rules hand the connection to its sidecar (spec §4)."""
         self.loop = loop
         self.tls = tls
+        self.transparent = transparent
         self.metrics = metrics
         self.rng = rng
         self.clock = clock
@@ -226,7 +231,7 @@ class Destinations:
             for instance in service.instances:
                 inbound = instance.sidecar_ports.inbound if instance.meshed else None
                 port = inbound if inbound else instance.app_port
-                meshed = bool(inbound)
+                meshed = bool(inbound) or (self.transparent and instance.meshed)
                 expected = expected_identity(snapshot.trust_domain, service, instance) if meshed and mtls else None
                 endpoint = self._endpoint(key, instance.app_host, port, meshed, instance.name, policy,
                                           expected)

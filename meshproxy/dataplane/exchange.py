@@ -26,6 +26,7 @@ from meshproxy.http1.writer import (
     request_head_bytes,
     response_head_bytes,
 )
+from meshproxy.observability.trace import TraceContext
 from meshproxy.policy.breaker import PROBING
 from meshproxy.policy.filters import modify_headers
 from meshproxy.policy.retry import CONNECT_FAILURE, IDEMPOTENT_METHODS, RESET, RetryRule
@@ -38,6 +39,8 @@ if TYPE_CHECKING:  # pragma: no cover
 # Request bytes held while the upstream connection is being set up; past this the client is
 # paused rather than buffered without bound.
 PENDING_BODY_LIMIT = 64 * 1024
+
+_NO_TRACE = TraceContext(b"", b"", None, False)
 
 
 class RequestIds:
@@ -72,7 +75,7 @@ class Exchange(Resilience):
         "upgrading", "reused_retry_done", "status", "out", "route", "response_modifiers",
         "mirrors", "mirror_body", "tunnel_pending", "route_rule", "tried", "retries", "replay",
         "replay_bytes", "sent", "try_open", "try_timer", "deadline_timer", "retry_timer",
-        "retry_rule", "per_try", "counted", "fresh_only", "probe",
+        "retry_rule", "per_try", "counted", "fresh_only", "probe", "trace", "error",
     )
 
     def __init__(self, down: "DownstreamConnection", head: RequestHead) -> None:
@@ -125,11 +128,15 @@ class Exchange(Resilience):
         self.counted = False  # counted in the Service's requests in flight (maxRequests)
         self.fresh_only = False  # the next try must open a new connection
         self.probe = False  # this try is the half-open probe of an ejected endpoint
+        self.trace = None  # observability.trace.TraceContext, from start()
+        self.error: str | None = None  # spec §4 reason when the proxy ended the exchange
 
     # -- starting ---------------------------------------------------------------------------
 
     def start(self) -> None:
         """Resolve the destination, apply its routes, pick an endpoint and connect to it."""
+        # This hop's span id goes into the head before anything copies it (mirrors, tries).
+        self.trace = self.down.listener.trace.begin(self.head, self.down.transport)
         try:
             service, self.target = self.down.resolver.resolve(self.head, self.down)
             if service.routes is not None:
@@ -425,6 +432,7 @@ class Exchange(Resilience):
             if conn is not None:
                 conn.exchange = None
                 conn.abort()
+            self.error = UpstreamReset.reason if reset else error.reason
             self._abort_client()
 
     def upstream_lost(self) -> None:
@@ -435,6 +443,7 @@ class Exchange(Resilience):
             return
         if self.response is not None:
             self.upstream = None
+            self.error = UpstreamReset.reason
             self._abort_client()
             return
         if (conn is not None and conn.requests > 1 and not self.reused_retry_done
@@ -456,6 +465,7 @@ class Exchange(Resilience):
         """End the exchange with the proxy's own error response (spec §4)."""
         if self.finished:
             return
+        self.error = error.reason
         conn, self.upstream = self.upstream, None
         if conn is not None:
             conn.exchange = None
@@ -492,6 +502,9 @@ class Exchange(Resilience):
         if self.counted:
             self.counted = False
             self.service.active -= 1
+        if self.trace is not None:  # started: its span and log line say the client left
+            self.error = "client-disconnected"
+            self._observe(self.down.loop.time() - self.t0)
 
     # -- the end --------------------------------------------------------------------------------
 
@@ -505,10 +518,38 @@ class Exchange(Resilience):
             self.service.active -= 1
         down = self.down
         service = self.service.key if self.service is not None else "unknown"
+        duration = down.loop.time() - self.t0
         down.metrics.request_finished(
-            down.direction, service, self.route, self.status, down.loop.time() - self.t0,
+            down.direction, service, self.route, self.status, duration,
             self.request_bytes, self.response_bytes,
         )
+        trace = self.trace
+        if (trace is not None and trace.span is not None) or down.listener.access_log is not None:
+            self._observe(duration)
+
+    def _observe(self, duration: float) -> None:
+        """End the span (when one is recorded) and write the access-log line (when on)."""
+        down = self.down
+        listener = down.listener
+        trace = self.trace
+        service = self.service.key if self.service is not None else "unknown"
+        endpoint = self.endpoint.key if self.endpoint is not None else None
+        attempts = self.retries + 1 if self.endpoint is not None else 0
+        head = self.head
+        if trace is not None and trace.span is not None:
+            listener.trace.end(trace, status=self.status, error=self.error, route=self.route,
+                               service=service, endpoint=endpoint, attempts=attempts,
+                               request_id=head.request_id)
+        access_log = listener.access_log
+        if access_log is not None:
+            if trace is None:  # not started (it always is by now): ids left empty
+                trace = _NO_TRACE
+            access_log.record(
+                self.t0, trace.trace_id, trace.span_id, trace.parent_id, head.request_id,
+                down.direction, head.method, head.host, head.target, endpoint, attempts,
+                self.status, duration, self.request_bytes, self.response_bytes, self.route,
+                service, self.error,
+            )
 
     def _finish(self) -> None:
         self._record()

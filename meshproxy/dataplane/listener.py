@@ -11,6 +11,7 @@ from meshproxy.dataplane.downstream import DownstreamConnection
 from meshproxy.dataplane.tls import TLSState, accept_inbound
 from meshproxy.dataplane.exchange import RequestIds
 from meshproxy.dataplane.mirror import Mirrors
+from meshproxy.observability.trace import Tracing
 
 log = logging.getLogger("meshproxy.listener")
 
@@ -24,7 +25,8 @@ class Listener:
 
     def __init__(self, loop: asyncio.AbstractEventLoop, resolver, metrics, rng: random.Random, *,
                  header_timeout: float = HEADER_TIMEOUT,
-                 idle_timeout: float = CLIENT_IDLE_TIMEOUT) -> None:
+                 idle_timeout: float = CLIENT_IDLE_TIMEOUT, tracing: Tracing | None = None,
+                 access_log=None) -> None:
         self.loop = loop
         self.rng = rng
         self.request_ids = RequestIds(rng)
@@ -32,6 +34,9 @@ class Listener:
         self.resolver = resolver
         self.metrics = metrics
         self.direction = resolver.direction
+        # Trace context of every request (spec §4); spans only with a configured exporter.
+        self.trace = (tracing or Tracing()).propagator(self.direction, rng)
+        self.access_log = access_log  # observability.accesslog.AccessLog, or None (off)
         self.header_timeout = header_timeout
         self.idle_timeout = idle_timeout
         self.connections: set[DownstreamConnection] = set()
@@ -42,15 +47,22 @@ class Listener:
         self._socket: socket.socket | None = None
         self._accepting: asyncio.Task | None = None
         self._setting_up: set[asyncio.Task] = set()
+        # Transparent mode (dataplane/transparent.py) sets these before start(): the protocol
+        # each connection starts with (default: DownstreamConnection), and with `tls` the
+        # coroutine (loop, sock) that sets up each accepted socket (default: accept_inbound).
+        self.protocol_factory = None
+        self.accept_socket = None
 
     async def start(self, host: str, port: int, tls: TLSState | None = None) -> int:
         """Bind and start accepting; return the bound port (useful with port 0).
 
         With `tls` (the inbound listener of a proxy with an identity), each connection's first
         bytes decide between TLS and plaintext (see dataplane/tls.py)."""
+        if self.protocol_factory is None:
+            self.protocol_factory = lambda: DownstreamConnection(self)
         if tls is None:
             self.server = await self.loop.create_server(
-                lambda: DownstreamConnection(self), host, port, reuse_address=True, backlog=1024,
+                self.protocol_factory, host, port, reuse_address=True, backlog=1024,
             )
             return self.server.sockets[0].getsockname()[1]
         self.tls = tls
@@ -73,9 +85,12 @@ class Listener:
                 await asyncio.sleep(0.1)
                 continue
             conn.setblocking(False)
-            task = asyncio.ensure_future(accept_inbound(
-                self.loop, conn, self.tls, lambda: DownstreamConnection(self),
-                first_byte_timeout=self.header_timeout, on_refused=self._refused))
+            if self.accept_socket is not None:
+                task = asyncio.ensure_future(self.accept_socket(self.loop, conn))
+            else:
+                task = asyncio.ensure_future(accept_inbound(
+                    self.loop, conn, self.tls, self.protocol_factory,
+                    first_byte_timeout=self.header_timeout, on_refused=self._refused))
             self._setting_up.add(task)
             task.add_done_callback(self._setting_up.discard)
 

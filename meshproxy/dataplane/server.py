@@ -12,6 +12,7 @@ import time
 from dataclasses import dataclass, field
 
 from meshproxy.admin import start_servers
+from meshproxy.appprobes import parse_app_probes
 from meshproxy.config import Snapshot
 from meshproxy.dataplane.control_client import ControlClient, watch_target
 from meshproxy.dataplane.tls import Contexts, TLSState
@@ -26,8 +27,11 @@ from meshproxy.dataplane.destinations import (
 )
 from meshproxy.dataplane.listener import CLIENT_IDLE_TIMEOUT, HEADER_TIMEOUT, Listener
 from meshproxy.dataplane.upstream import ConnectionPool
+from meshproxy.observability.accesslog import AccessLog
 from meshproxy.observability.metrics import ProxyMetrics
+from meshproxy.observability.trace import Tracing, tracing_from_env
 from meshproxy.policy.balancer import EndpointLoad, make_balancer
+from meshproxy.policy.detect import DEFAULT_OPAQUE_PORTS, DETECT_TIMEOUT, opaque_ports
 
 log = logging.getLogger("meshproxy.proxy")
 
@@ -55,6 +59,14 @@ class ProxySettings:
     token_file: str | None = None
     # The inbound mTLS mode when neither a PeerAuthentication nor the Mesh says (spec §3).
     default_mtls_mode: str = "PERMISSIVE"
+    # The app's own HTTP probes, answered on the health port (appprobes.py; from injection).
+    app_probes: dict = field(default_factory=dict)
+    # Transparent mode (iptables redirects, SO_ORIGINAL_DST, protocol detection; spec §4, §7).
+    transparent: bool = False
+    opaque_ports: frozenset[int] = DEFAULT_OPAQUE_PORTS
+    detect_timeout: float = DETECT_TIMEOUT
+    # One JSON line per request to this file, or "-" for stdout; None: no access log.
+    access_log: str | None = None
 
     @property
     def service_key(self) -> str:
@@ -64,16 +76,22 @@ class ProxySettings:
 class Proxy:
     """A running sidecar: the AdminState the admin server reads, and the drain logic."""
 
-    def __init__(self, settings: ProxySettings, snapshot: Snapshot | None, loop: asyncio.AbstractEventLoop) -> None:
-        """`snapshot` None: wait for the control plane's first one (not ready until then)."""
+    def __init__(self, settings: ProxySettings, snapshot: Snapshot | None, loop: asyncio.AbstractEventLoop,
+                 tracing: Tracing | None = None) -> None:
+        """`snapshot` None: wait for the control plane's first one (not ready until then).
+        `tracing`: spans and sampling (default: propagation only). Raises OSError when the
+        access log cannot be opened."""
         self.settings = settings
         self.loop = loop
         self.metrics = ProxyMetrics()
+        self.tracing = tracing or Tracing()
+        self.access_log = AccessLog.open(loop, settings.access_log) if settings.access_log else None
         self.rng = random.Random()
         # mTLS needs an identity: a control plane with a CA and a credential for it.
         self.tls: TLSState | None = TLSState(self.inbound_mtls_mode) if settings.token_file else None
         self.certificates = None  # identity.client.CertificateManager, once started
-        self.destinations = Destinations(loop, self.metrics, self.rng, loop.time, tls=self.tls)
+        self.destinations = Destinations(loop, self.metrics, self.rng, loop.time, tls=self.tls,
+                                         transparent=settings.transparent)
         self.destinations.apply(snapshot or Snapshot())
         self.has_config = snapshot is not None
         if snapshot is not None:
@@ -87,6 +105,7 @@ class Proxy:
         self.stopped = loop.create_future()
         self._draining: asyncio.Task | None = None
         self._inbound_runtime: ServiceRuntime | None = None
+        self.transparent = None  # dataplane.transparent.Transparent in transparent mode
 
     # -- AdminState -------------------------------------------------------------------------
 
@@ -147,6 +166,8 @@ class Proxy:
             self._inbound_resolver.runtime = self._make_inbound_runtime(self._inbound_runtime)
             self._inbound_runtime = self._inbound_resolver.runtime
             self._inbound_resolver.authorizer = self._authorizer(snapshot)
+        if self.transparent is not None:
+            self.transparent.apply(snapshot)
         log.info("configuration %s in force", snapshot.version)
 
     def refuse(self, errors: list[str]) -> None:
@@ -170,8 +191,13 @@ class Proxy:
             self.loop,
             OutboundResolver(self.destinations, s.namespace, own_ports),
             self.metrics, self.rng, header_timeout=s.header_timeout,
-            idle_timeout=s.client_idle_timeout,
+            idle_timeout=s.client_idle_timeout, tracing=self.tracing, access_log=self.access_log,
         )
+        if s.transparent:
+            from meshproxy.dataplane.transparent import Transparent
+
+            self.transparent = Transparent(self, s.opaque_ports, s.detect_timeout)
+            self.transparent.intercept(outbound)
         s.outbound_port = await outbound.start(s.outbound_bind, s.outbound_port)
         self.listeners.append(outbound)
         self._inbound_runtime = self._make_inbound_runtime(None)
@@ -180,11 +206,15 @@ class Proxy:
         inbound = Listener(
             self.loop, self._inbound_resolver, self.metrics, self.rng,
             header_timeout=s.header_timeout, idle_timeout=s.client_idle_timeout,
+            tracing=self.tracing, access_log=self.access_log,
         )
+        if self.transparent is not None:
+            self.transparent.intercept(inbound)
         s.inbound_port = await inbound.start(s.inbound_bind, s.inbound_port, tls=self.tls)
         self.listeners.append(inbound)
         own_ports.update({("127.0.0.1", s.outbound_port), ("127.0.0.1", s.inbound_port)})
-        self.admin = await start_servers(self, "127.0.0.1", s.admin_port, "0.0.0.0", s.health_port)
+        self.admin = await start_servers(self, "127.0.0.1", s.admin_port, "0.0.0.0", s.health_port,
+                                         app_probes=s.app_probes)
         s.admin_port, s.health_port = self.admin.admin_port, self.admin.health_port
         self.ready = True
 
@@ -232,6 +262,8 @@ class Proxy:
             for listener in self.listeners:
                 listener.abort_all()
         self.destinations.close_idle()
+        if self.transparent is not None:
+            self.transparent.close_idle()
         if self._inbound_runtime is not None:
             for endpoint in self._inbound_runtime.endpoints:
                 endpoint.pool.close_idle()
@@ -239,9 +271,13 @@ class Proxy:
             self.stopped.set_result(None)
 
     async def close(self) -> None:
-        """Release the admin ports (after the drain)."""
+        """Release the admin ports (after the drain); write out access-log lines and spans."""
         if self.admin is not None:
             await self.admin.close()
+        if self.access_log is not None:
+            self.access_log.flush()
+            await self.loop.run_in_executor(None, self.access_log.close)
+        await self.loop.run_in_executor(None, self.tracing.shutdown)
 
 
 async def _follow_files(proxy: Proxy, watcher) -> None:
@@ -283,7 +319,7 @@ async def serve(settings: ProxySettings, snapshot: Snapshot | None, *, control_u
     With `control_url` the configuration comes from the control plane (`snapshot` is None);
     with `watcher` (standalone) from the files it watches."""
     loop = asyncio.get_running_loop()
-    proxy = Proxy(settings, snapshot, loop)
+    proxy = Proxy(settings, snapshot, loop, tracing_from_env(settings.service_key, settings.instance))
     await proxy.start()
     follower: asyncio.Task | None = None
     if control_url is not None:
@@ -362,7 +398,27 @@ def run_proxy(args) -> int:
         drain_timeout=args.drain_timeout, header_timeout=args.header_timeout,
         client_idle_timeout=args.client_idle_timeout,
         token_file=args.token_file, default_mtls_mode=args.default_mtls_mode,
+        access_log=getattr(args, "access_log", None),
     )
+    try:
+        settings.app_probes = parse_app_probes(args.app_probes)
+    except ValueError as exc:
+        print(f"meshproxy proxy: {exc}", file=sys.stderr)
+        return 2
+    if getattr(args, "transparent", False):
+        try:
+            settings.opaque_ports = opaque_ports(args.opaque_ports)
+        except ValueError as exc:
+            print(f"meshproxy proxy: --opaque-ports: {exc}", file=sys.stderr)
+            return 2
+        settings.transparent = True
+        settings.detect_timeout = args.detect_timeout
+    if settings.access_log and settings.access_log != "-":
+        try:
+            open(settings.access_log, "ab").close()
+        except OSError as exc:
+            print(f"meshproxy proxy: --access-log: {exc}", file=sys.stderr)
+            return 2
     if settings.token_file and not args.control:
         print("meshproxy proxy: --token-file needs --control (the CA is the control plane's)",
               file=sys.stderr)

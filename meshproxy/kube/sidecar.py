@@ -197,6 +197,8 @@ def proxy_env(annotations: Mapping[str, Any], labels: Mapping[str, Any],
         _field_env("MESHPROXY_SERVICE_ACCOUNT", "spec.serviceAccountName"),
         {"name": "MESHPROXY_CONTROL", "value": options.control_url},
         {"name": "MESHPROXY_TOKEN_FILE", "value": f"{TOKEN_DIR}/token"},
+        # The pod's traffic arrives redirected by meshproxy-init's rules.
+        {"name": "MESHPROXY_TRANSPARENT", "value": "true"},
     ]
     service = next((labels[k] for k in SERVICE_LABELS if isinstance(labels.get(k), str)), None)
     if service:

@@ -18,6 +18,7 @@ import requests
 import yaml
 
 import support.kubefactory as k
+from meshproxy.identity.ca import init_ca
 from support.control import ControlProcess
 from support.fakekube import FakeKubeAPI
 from support.proxy import ProxyProcess, wait_for
@@ -79,7 +80,11 @@ def test_the_cluster_becomes_the_proxies_configuration(tmp_path, cluster, backen
     fake, kubeconfig = cluster
     for obj in _web([backend]):
         fake.apply(obj)
-    control = ControlProcess(tmp_path, [], extra_args=["--kubernetes", "--kubeconfig", str(kubeconfig)]).start()
+    # The CA from a folder: the fake API server does not keep Secrets, which a control plane
+    # without --ca-dir would create its CA in (tests/integration/test_bootstrap.py covers that).
+    init_ca(tmp_path / "ca", "cluster.local")
+    control = ControlProcess(tmp_path, [], extra_args=["--kubernetes", "--kubeconfig", str(kubeconfig),
+                                                       "--ca-dir", str(tmp_path / "ca")]).start()
     proxy = ProxyProcess(tmp_path, "", service="client", control=control.url)
     try:
         proxy.start()

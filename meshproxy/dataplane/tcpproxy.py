@@ -1,0 +1,409 @@
+"""Plain TCP proxying (spec §7 "Not all TCP is HTTP"): one upstream connection per client
+connection, chosen per connection among the destination's endpoints, bytes copied both ways.
+
+A `TcpProxy` takes over a client transport once detection (dataplane/transparent.py) has
+decided the connection is not HTTP/1. It picks an endpoint as a request would (balancer,
+circuit breaker; a refused connect is tried on another endpoint), opens the connection with
+mTLS to meshed endpoints exactly as the HTTP pools do (the peer must prove the endpoint's
+SPIFFE ID), and then relays:
+
+- back-pressure: when one side's send buffer is full, the other side stops being read
+  (pause_reading) until it drains (resume_reading), so a fast sender cannot make the proxy
+  buffer without bound; bytes that arrive before the upstream is connected are held up to
+  PENDING_LIMIT, past which the client is paused too;
+- half-close: an EOF from one side is passed on as an EOF (shutdown of the write side) to
+  the other, and the connection lives on until both directions have ended. The TLS legs
+  between sidecars are TlsStreams (dataplane/tlsstream.py), which half-close with TLS 1.3's
+  close_notify. A transport that cannot half-close (asyncio's own TLS) gets this fallback: a
+  client's EOF is held back (a request-then-EOF client still gets its answer) and the pair
+  ends when the upstream closes; an upstream's EOF ends the pair;
+- errors: a reset on one side aborts the other; a clean close closes it once its buffered
+  bytes are sent.
+
+There is no idle timeout (long-lived database connections are the common case); a drain
+leaves TCP connections alone until the drain timeout aborts them.
+
+Counters (meshproxy_tcp_connections_opened_total, ..._closed_total, meshproxy_tcp_sent_bytes_total,
+meshproxy_tcp_received_bytes_total, by direction and service) are plain integers added to per
+connection and rendered at scrape time by a collector in the proxy's registry.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import ssl
+from typing import TYPE_CHECKING
+
+from meshproxy.dataplane import tlsstream
+from meshproxy.dataplane.tls import peer_identity
+from meshproxy.http1.errors import ConnectFailure, ProxyError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from meshproxy.dataplane.destinations import EndpointRuntime, ServiceRuntime
+    from meshproxy.dataplane.upstream import ConnectionPool
+
+log = logging.getLogger("meshproxy.tcp")
+
+# Client bytes held while the upstream connection is being opened.
+PENDING_LIMIT = 64 * 1024
+
+_PAUSE_PENDING = 1  # waiting for the upstream connection, buffer full
+_PAUSE_UPSTREAM = 2  # the upstream's send buffer is full
+
+
+class _Counts:
+    """Connections and bytes of one (direction, service)."""
+
+    __slots__ = ("opened", "closed", "sent", "received")
+
+    def __init__(self) -> None:
+        self.opened = 0
+        self.closed = 0
+        self.sent = 0  # client -> upstream
+        self.received = 0  # upstream -> client
+
+
+class TcpStats:
+    """TCP proxying counters, exposed through a collector registered in `registry`."""
+
+    def __init__(self, registry) -> None:
+        self._counts: dict[tuple[str, str], _Counts] = {}
+        registry.register(self)
+
+    def counts(self, direction: str, service: str) -> _Counts:
+        """Return the record of (direction, service), made on first use."""
+        key = (direction, service)
+        counts = self._counts.get(key)
+        if counts is None:
+            counts = self._counts[key] = _Counts()
+        return counts
+
+    def describe(self):
+        return self._families({})
+
+    def collect(self):
+        return self._families(dict(self._counts))
+
+    @staticmethod
+    def _families(counts: dict):
+        from prometheus_client.metrics_core import CounterMetricFamily
+
+        labels = ("direction", "service")
+        families = {
+            "opened": CounterMetricFamily("meshproxy_tcp_connections_opened",
+                                          "TCP-proxied client connections opened.", labels=labels),
+            "closed": CounterMetricFamily("meshproxy_tcp_connections_closed",
+                                          "TCP-proxied client connections closed.", labels=labels),
+            "sent": CounterMetricFamily("meshproxy_tcp_sent_bytes",
+                                        "TCP-proxied bytes from clients to upstreams.", labels=labels),
+            "received": CounterMetricFamily("meshproxy_tcp_received_bytes",
+                                            "TCP-proxied bytes from upstreams to clients.",
+                                            labels=labels),
+        }
+        for key, record in counts.items():
+            for name, family in families.items():
+                family.add_metric(key, getattr(record, name))
+        return list(families.values())
+
+
+async def open_upstream(loop: asyncio.AbstractEventLoop, pool: "ConnectionPool", protocol_factory,
+                        metrics) -> tuple[asyncio.Transport, asyncio.Protocol]:
+    """Open a connection to `pool`'s endpoint as ConnectionPool.connect does (mTLS when the
+    pool has TLS and the proxy a certificate; the peer must be the pool's expected SPIFFE ID),
+    with `protocol_factory`'s protocol. Returns (transport, protocol); raises ConnectFailure."""
+    contexts = pool.tls.contexts if pool.tls is not None else None
+    host, port = pool.host, pool.port
+    try:
+        async with asyncio.timeout(pool.connect_timeout):
+            if contexts is None:
+                transport, protocol = await loop.create_connection(protocol_factory, host, port)
+            else:
+                # A TlsStream rather than asyncio's TLS: it can pass a half-close on.
+                transport = await tlsstream.connect(loop, host, port, contexts.client,
+                                                    pool.connect_timeout)
+                protocol = None
+    except TimeoutError:
+        raise ConnectFailure(f"connect to {host}:{port} timed out") from None
+    except ssl.SSLError as exc:
+        metrics.tls_handshake("outbound", "error")
+        raise ConnectFailure(f"TLS to {host}:{port}: {exc.reason or exc}") from None
+    except OSError as exc:
+        raise ConnectFailure(f"connect to {host}:{port}: {exc.strerror or exc}") from None
+    if contexts is not None:
+        peer = peer_identity(transport.get_extra_info("ssl_object"))
+        if pool.expected_id is not None and peer != pool.expected_id:
+            metrics.tls_handshake("outbound", "wrong-identity")
+            transport.abort()
+            raise ConnectFailure(f"{host}:{port} is {peer}, expected {pool.expected_id}")
+        metrics.tls_handshake("outbound", "ok")
+        protocol = protocol_factory()
+        transport.attach(protocol)
+    _nodelay(transport)
+    return transport, protocol
+
+
+def _nodelay(transport: asyncio.BaseTransport) -> None:
+    # Interactive protocols (a database's query and reply) must not wait for Nagle's timer.
+    sock = transport.get_extra_info("socket")
+    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+class _Upstream(asyncio.Protocol):
+    """The upstream side of a TcpProxy."""
+
+    __slots__ = ("proxy", "transport")
+
+    def __init__(self, proxy: "TcpProxy") -> None:
+        self.proxy = proxy
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        proxy = self.proxy
+        proxy.counts.received += len(data)
+        if proxy.transport is not None:
+            proxy.transport.write(data)
+
+    def eof_received(self) -> bool:
+        return self.proxy.upstream_eof()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.proxy.upstream_lost(exc)
+
+    def pause_writing(self) -> None:
+        self.proxy.pause(_PAUSE_UPSTREAM)
+
+    def resume_writing(self) -> None:
+        self.proxy.resume(_PAUSE_UPSTREAM)
+
+
+class TcpProxy(asyncio.Protocol):
+    """A client connection proxied as plain TCP to one endpoint of `runtime`.
+
+    Made by the detection step, which then calls connection_made and hands over the bytes
+    already read. `runtime` None: the connection is refused (an unknown destination under
+    REGISTRY_ONLY, or an AuthorizationPolicy): closed at once."""
+
+    __slots__ = (
+        "listener", "loop", "direction", "runtime", "transport", "tls", "counts", "upstream",
+        "pending", "pending_bytes", "_paused", "client_eof", "upstream_ended", "closed",
+        "endpoint", "task",
+    )
+
+    def __init__(self, listener, runtime: "ServiceRuntime | None", stats: TcpStats) -> None:
+        self.listener = listener
+        self.loop = listener.loop
+        self.direction = listener.direction
+        self.runtime = runtime
+        self.transport: asyncio.Transport | None = None
+        self.tls = False
+        key = runtime.key if runtime is not None else "unknown"
+        self.counts = stats.counts(self.direction, key)
+        self.upstream: _Upstream | None = None
+        self.pending: list[bytes] = []
+        self.pending_bytes = 0
+        self._paused = 0
+        self.client_eof = False
+        self.upstream_ended = False
+        self.closed = False
+        self.endpoint: "EndpointRuntime | None" = None
+        self.task: asyncio.Task | None = None
+
+    # -- client side --------------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self.tls = transport.get_extra_info("ssl_object") is not None
+        if self.tls:
+            self.listener.metrics.tls_handshake(self.direction, "ok")
+        self.listener.connections.add(self)
+        self.listener.metrics.connection_opened(self.direction, self.tls)
+        self.counts.opened += 1
+        if self.runtime is None:
+            log.debug("%s TCP connection refused (an unknown destination under REGISTRY_ONLY, "
+                      "or an AuthorizationPolicy)", self.direction)
+            self.closed = True
+            transport.close()
+            return
+        self.task = self.loop.create_task(self._connect())
+
+    def data_received(self, data: bytes) -> None:
+        self.counts.sent += len(data)
+        upstream = self.upstream
+        if upstream is not None:
+            upstream.transport.write(data)
+            return
+        if self.closed:
+            return
+        self.pending.append(data)
+        self.pending_bytes += len(data)
+        if self.pending_bytes > PENDING_LIMIT:
+            self.pause(_PAUSE_PENDING)
+
+    def eof_received(self) -> bool:
+        self.client_eof = True
+        upstream = self.upstream
+        if upstream is not None:
+            if self.upstream_ended:
+                return False  # both directions have ended: close
+            if upstream.transport.can_write_eof():
+                upstream.transport.write_eof()
+            # else the EOF is held back (a request-then-EOF client still gets its answer);
+            # the pair ends when the upstream closes.
+        # A transport that cannot half-close (asyncio's TLS) closes after an EOF whatever
+        # this returns (and warns about True): the pair then ends.
+        return self.transport.can_write_eof()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.transport is None:
+            return
+        self.transport = None
+        self.closed = True
+        self.listener.connections.discard(self)
+        self.listener.metrics.connection_closed(self.direction, self.tls)
+        self.counts.closed += 1
+        if self.task is not None:
+            self.task.cancel()
+            self.task = None
+        upstream, self.upstream = self.upstream, None
+        if upstream is not None and upstream.transport is not None:
+            if exc is None:
+                upstream.transport.close()  # after the bytes still buffered
+            else:
+                upstream.transport.abort()
+        self._release()
+        self.listener.connection_gone()
+
+    def pause_writing(self) -> None:
+        # The client reads slower than the upstream sends: stop reading the upstream.
+        upstream = self.upstream
+        if upstream is not None and upstream.transport is not None:
+            upstream.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        upstream = self.upstream
+        if upstream is not None and upstream.transport is not None:
+            upstream.transport.resume_reading()
+
+    def pause(self, reason: int) -> None:
+        if not self._paused and self.transport is not None:
+            self.transport.pause_reading()
+        self._paused |= reason
+
+    def resume(self, reason: int) -> None:
+        if not self._paused & reason:
+            return
+        self._paused &= ~reason
+        if not self._paused and self.transport is not None and not self.closed:
+            self.transport.resume_reading()
+
+    def close_if_idle(self) -> None:
+        """Drain: a byte stream has no point at which it is idle; it goes on until it ends
+        or the drain timeout aborts it."""
+
+    # -- upstream side ------------------------------------------------------------------------
+
+    async def _connect(self) -> None:
+        runtime = self.runtime
+        tried: set[str] = set()
+        attempts = 1 + (runtime.retry_rule.attempts if runtime.retry_rule is not None else 0)
+        error: ProxyError | None = None
+        while len(tried) < attempts:
+            try:
+                endpoint = runtime.pick(tried)
+            except ProxyError as exc:
+                error = exc
+                break
+            if endpoint.key in tried:
+                break  # every endpoint was tried: no other to go to
+            tried.add(endpoint.key)
+            load = endpoint.load
+            started = load.start()
+            try:
+                transport, upstream = await open_upstream(
+                    self.loop, endpoint.pool, lambda: _Upstream(self), self.listener.metrics)
+            except ConnectFailure as exc:
+                load.finish(started)
+                self._outcome(endpoint, False)
+                error = exc
+                continue
+            except asyncio.CancelledError:
+                load.finish(started)
+                raise
+            # The connect time is the RTT sample; the connection then counts as in flight
+            # for as long as it is open (the balancer's load is per connection here).
+            load.finish(started)
+            load.in_flight += 1
+            self.endpoint = endpoint
+            self._outcome(endpoint, True)
+            self.task = None
+            self._attach(upstream)
+            return
+        self.task = None
+        log.info("%s TCP connection to %s failed: %s", self.direction, runtime.key, error)
+        if self.transport is not None:
+            self.closed = True
+            self.transport.abort()
+
+    def _outcome(self, endpoint: "EndpointRuntime", success: bool) -> None:
+        breaker = self.runtime.breaker
+        if breaker is None:
+            return
+        if breaker.record(endpoint.key, success):
+            self.listener.metrics.endpoint_ejected(self.runtime.key, endpoint.key)
+        if not success or not breaker.all_ready:
+            self.listener.metrics.set_endpoints(self.runtime.key, *breaker.counts())
+
+    def _attach(self, upstream: _Upstream) -> None:
+        if self.transport is None:  # the client left while connecting
+            upstream.transport.close()
+            self._release_endpoint()
+            return
+        self.upstream = upstream
+        transport = upstream.transport
+        if self.pending:
+            pending, self.pending = self.pending, []
+            self.pending_bytes = 0
+            transport.writelines(pending)
+            self.resume(_PAUSE_PENDING)
+        if self.client_eof:
+            if transport.can_write_eof():
+                transport.write_eof()
+
+    def upstream_eof(self) -> bool:
+        self.upstream_ended = True
+        client = self.transport
+        if client is None or self.client_eof or not client.can_write_eof():
+            # Both directions have ended, or the client cannot be half-closed: the server
+            # is done, so the pair ends (closing the upstream closes the client once its
+            # buffered bytes are sent).
+            return False
+        client.write_eof()
+        upstream = self.upstream
+        return upstream is not None and upstream.transport.can_write_eof()
+
+    def upstream_lost(self, exc: Exception | None) -> None:
+        self._release_endpoint()
+        self.upstream = None
+        client = self.transport
+        if client is None:
+            return
+        self.closed = True
+        if exc is None:
+            client.close()  # after the bytes still buffered
+        else:
+            client.abort()
+
+    def _release_endpoint(self) -> None:
+        endpoint, self.endpoint = self.endpoint, None
+        if endpoint is not None and endpoint.load.in_flight > 0:
+            endpoint.load.in_flight -= 1
+
+    def _release(self) -> None:
+        self.pending = []
+        self.pending_bytes = 0

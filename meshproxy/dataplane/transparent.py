@@ -1,0 +1,265 @@
+"""Transparent mode (`meshproxy proxy --transparent`): connections redirected to the proxy by
+iptables (`meshproxy init`), each with its original destination, and any protocol on them.
+
+Each accepted connection is first handled by a `Sniffer`, which:
+
+1. reads the original destination (SO_ORIGINAL_DST, meshproxy.kube.origdst). A connection
+   that was not redirected (its original destination is the listener itself, or the kernel
+   tracks no NAT for it) keeps today's behaviour: on the outbound listener it is an app
+   using the proxy explicitly (HTTP_PROXY), routed by its Host header;
+2. decides the protocol from the first bytes (meshproxy.policy.detect): HTTP/1 goes to the
+   L7 path (a DownstreamConnection that remembers the original destination), anything else,
+   or silence for `detect_timeout` (server-first protocols), to plain TCP proxying
+   (dataplane/tcpproxy.py). Opaque ports skip detection;
+3. hands the transport over (`set_protocol`) with the bytes already read.
+
+Where each connection then goes is dataplane/redirected.py's decision. Inbound, TLS is
+decided first (tls.py's rules, with a TlsStream, which can half-close), and the protocol
+detection runs on the decrypted bytes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+
+from meshproxy.dataplane import tlsstream
+from meshproxy.dataplane.destinations import ServiceRuntime
+from meshproxy.dataplane.downstream import DownstreamConnection
+from meshproxy.dataplane.redirected import (
+    MAX_CACHED,
+    InboundApps,
+    OriginalDestinations,
+    TransparentInboundResolver,
+    TransparentOutboundResolver,
+    canonical_ip,
+    tcp_allowed,
+)
+from meshproxy.dataplane.tcpproxy import TcpProxy, TcpStats
+from meshproxy.dataplane.tls import (
+    DISABLE,
+    HANDSHAKE_TIMEOUT,
+    PERMISSIVE,
+    STRICT,
+    TLS_HANDSHAKE_RECORD,
+    _readable,
+    peer_identity,
+)
+from meshproxy.kube.origdst import original_destination
+from meshproxy.policy.detect import HTTP1, decide
+
+log = logging.getLogger("meshproxy.transparent")
+
+def original_of(sock) -> tuple[str, int] | None:
+    """Return the (host, port) an accepted socket was sent to before a REDIRECT, or None when
+    it was not redirected (addressed to the listener itself, or no NAT entry)."""
+    if sock is None:
+        return None
+    try:
+        host, port = original_destination(sock)
+        local = sock.getsockname()
+    except OSError:
+        return None
+    if port == local[1] and canonical_ip(host) == canonical_ip(local[0]):
+        return None
+    return canonical_ip(host), port
+
+
+class TransparentDownstream(DownstreamConnection):
+    """A client connection on the L7 path that remembers its original destination."""
+
+    __slots__ = ("original",)
+
+    def __init__(self, listener, original: tuple[str, int]) -> None:
+        super().__init__(listener)
+        self.original = original
+
+
+# -- the detection step ---------------------------------------------------------------------------
+
+
+class Sniffer(asyncio.Protocol):
+    """A transparent connection until its protocol is known; then the transport goes to a
+    DownstreamConnection (HTTP/1) or a TcpProxy (anything else)."""
+
+    __slots__ = ("mode", "listener", "transport", "original", "buffer", "timer", "silent")
+
+    def __init__(self, mode: "Transparent", listener, silent: bool = False) -> None:
+        """`silent`: the client has already been silent for the detection timeout (inbound
+        PERMISSIVE waits for a TLS ClientHello that long): TCP at once."""
+        self.mode = mode
+        self.listener = listener
+        self.silent = silent
+        self.transport: asyncio.Transport | None = None
+        self.original: tuple[str, int] | None = None
+        self.buffer = b""
+        self.timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        original = self.original = original_of(transport.get_extra_info("socket"))
+        if original is None and self.listener.direction == "outbound":
+            # Not redirected: an app that addresses the proxy itself (HTTP_PROXY).
+            self._switch(DownstreamConnection(self.listener))
+            return
+        if self.silent or original is not None and original[1] in self.mode.opaque_ports:
+            self._to_tcp()
+            return
+        self.timer = self.listener.loop.call_later(self.mode.detect_timeout, self._timed_out)
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        self._decide(False)
+
+    def eof_received(self) -> bool:
+        protocol = self._decide(True)
+        return protocol.eof_received() if protocol is not None else False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        self.transport = None
+
+    def _timed_out(self) -> None:
+        self.timer = None
+        if self.transport is not None:
+            self._decide(True)
+
+    def _decide(self, final: bool) -> asyncio.Protocol | None:
+        verdict = decide(self.buffer, final=final)
+        if verdict is None:
+            return None
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        if verdict == HTTP1:
+            original = self.original
+            listener = self.listener
+            return self._switch(TransparentDownstream(listener, original) if original is not None
+                                else DownstreamConnection(listener))
+        return self._to_tcp()
+
+    def _to_tcp(self) -> asyncio.Protocol:
+        runtime = self.mode.tcp_destination(self.listener, self.original, self.transport)
+        return self._switch(TcpProxy(self.listener, runtime, self.mode.stats))
+
+    def _switch(self, protocol: asyncio.Protocol) -> asyncio.Protocol:
+        transport = self.transport
+        self.transport = None  # from here on this object hears nothing more
+        transport.set_protocol(protocol)
+        protocol.connection_made(transport)
+        if self.buffer and not transport.is_closing():
+            protocol.data_received(self.buffer)
+        self.buffer = b""
+        return protocol
+
+
+class Transparent:
+    """Transparent mode of one Proxy: wraps its listeners' resolvers, detects protocols,
+    proxies TCP."""
+
+    def __init__(self, proxy, opaque_ports: frozenset[int], detect_timeout: float) -> None:
+        self.proxy = proxy
+        self.opaque_ports = opaque_ports
+        self.detect_timeout = detect_timeout
+        self.stats = TcpStats(proxy.metrics.registry)
+        self.originals = OriginalDestinations(proxy.destinations)
+        self.apps = InboundApps(proxy) if proxy.settings.app_port is None else None
+        self._policies = None
+        self._tcp_allowed: dict[str | None, bool] = {}
+        log.info("transparent mode: by original destination; protocol detection (%.0f ms); "
+                 "opaque ports %s", detect_timeout * 1000,
+                 ",".join(map(str, sorted(opaque_ports))))
+
+    def intercept(self, listener) -> None:
+        """Make `listener` (not started yet) a transparent one."""
+        if listener.direction == "outbound":
+            listener.resolver = TransparentOutboundResolver(listener.resolver, self.originals)
+        else:
+            listener.resolver = TransparentInboundResolver(listener.resolver, self.apps)
+            listener.accept_socket = lambda loop, sock: self._accept_inbound(listener, loop, sock)
+        listener.protocol_factory = lambda: Sniffer(self, listener)
+
+    def apply(self, snapshot) -> None:
+        """A new configuration snapshot is in force."""
+        if self.apps is not None:
+            self.apps.apply()
+
+    def close_idle(self) -> None:
+        if self.apps is not None:
+            self.apps.close_idle()
+
+    def tcp_destination(self, listener, original, transport) -> ServiceRuntime | None:
+        """The runtime a TCP connection goes to, or None when it is refused."""
+        if listener.direction == "outbound":
+            return self.originals.lookup(*original)
+        if not self._authorized(peer_identity(transport.get_extra_info("ssl_object"))):
+            log.info("inbound TCP connection refused by an AuthorizationPolicy")
+            return None
+        base = listener.resolver
+        if original is not None and base.apps is not None:
+            return base.apps.at(original[1])
+        return base.base.runtime
+
+    def _authorized(self, peer: str | None) -> bool:
+        proxy = self.proxy
+        policies = proxy.destinations.snapshot.authorization_policies_for(proxy.settings.service_key)
+        if policies is not self._policies:
+            self._policies, self._tcp_allowed = policies, {}
+        allowed = self._tcp_allowed.get(peer)
+        if allowed is None:
+            allowed = tcp_allowed(policies, peer)
+            if len(self._tcp_allowed) < MAX_CACHED:
+                self._tcp_allowed[peer] = allowed
+        return allowed
+
+    async def _accept_inbound(self, listener, loop: asyncio.AbstractEventLoop, sock: socket.socket) -> None:
+        """tls.accept_inbound's decision for transparent mode: in PERMISSIVE, a client silent
+        for the detection timeout is a plaintext server-first one (not refused)."""
+        factory = listener.protocol_factory
+        try:
+            tls = listener.tls
+            mode = tls.mode()
+            contexts = tls.contexts
+            if mode == DISABLE or contexts is None and mode == PERMISSIVE:
+                await loop.connect_accepted_socket(factory, sock)
+                return
+            wait = self.detect_timeout if mode == PERMISSIVE else listener.header_timeout
+            if not await _readable(loop, sock, wait):
+                if mode == STRICT:
+                    listener._refused("no-data")
+                    sock.close()
+                    return
+                await loop.connect_accepted_socket(lambda: Sniffer(self, listener, silent=True), sock)
+                return
+            try:
+                first = sock.recv(1, socket.MSG_PEEK)
+            except (BlockingIOError, InterruptedError):
+                first = b"?"
+            if not first:
+                sock.close()
+                return
+            if first[0] != TLS_HANDSHAKE_RECORD:
+                if mode == STRICT:
+                    listener._refused("plaintext")
+                    sock.close()
+                    return
+                await loop.connect_accepted_socket(factory, sock)
+                return
+            if contexts is None:
+                listener._refused("no-certificate")
+                sock.close()
+                return
+            # A TlsStream rather than asyncio's TLS: a TCP stream on it can half-close.
+            await tlsstream.accept(
+                loop, sock, contexts.server, factory, handshake_timeout=HANDSHAKE_TIMEOUT,
+                on_failure=lambda exc: listener._refused(f"handshake: {exc.__class__.__name__}"))
+        except (OSError, TimeoutError, ConnectionError) as exc:  # ssl.SSLError is an OSError
+            listener._refused(f"handshake: {exc.__class__.__name__}")
+            log.debug("inbound TLS refused: %s", exc)
+            sock.close()
+        except Exception:  # pragma: no cover - a bug must not stop the accept loop
+            log.exception("inbound connection setup failed")
+            sock.close()

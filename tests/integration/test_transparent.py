@@ -1,0 +1,574 @@
+"""Transparent mode end to end, in network namespaces made here (run as root).
+
+Two "pods" joined by a veth pair, each with the nat rules of `meshproxy init`
+(`meshproxy.kube.iptables.rules`, fed to iptables-restore inside the namespace; the host's
+tables are never touched) and a sidecar running as UID 1337 with `--transparent`:
+
+    client  10.200.0.1   sidecar (service `client`)        curl and a small TCP client (root)
+    server  10.200.0.2   sidecar (service `web`)           apps (root): HTTP 8080, 8081 (not in
+                                                           the Mesh), 9999 (skipped by the rules);
+                                                           TCP 7000 (server speaks first), 7001
+                                                           (echo until EOF), 6379 (PING/+PONG),
+                                                           3306 (server speaks first, opaque)
+
+The sidecars are standalone (`--config`, a Mesh file naming the Services with their pod
+addresses and two virtual IPs): between them the traffic is plaintext, which is what a
+standalone proxy speaks; the mTLS leg is what ConnectionPool/open_upstream do for meshed
+endpoints with a certificate. Every app answers with the peer address it sees: 127.0.0.1 means
+it came through the server's sidecar, 10.200.0.1 that it came straight from the client pod.
+
+The sidecars run as UID 1337 through `setpriv` with CAP_DAC_READ_SEARCH kept as an ambient
+capability, only so that UID 1337 can read the Python installation under /root; the
+capability does not change how iptables' owner match sees their sockets.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import selectors
+import shutil
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from meshproxy.kube.iptables import InitOptions, parse_ports, rules
+
+REPO = Path(__file__).resolve().parents[2]
+CLIENT_IP, SERVER_IP = "10.200.0.1", "10.200.0.2"
+WEB_VIP, KV_VIP = "10.96.0.10", "10.96.0.11"
+PROXY_UID = 1337
+
+pytestmark = [pytest.mark.timeout(120),
+              pytest.mark.skipif(os.geteuid() != 0, reason="needs root for network namespaces")]
+
+APPS = textwrap.dedent('''
+    import json, socket, sys, threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Web(BaseHTTPRequestHandler):
+        def do_GET(self):
+            body = json.dumps({"peer": self.client_address[0], "port": self.server.server_port,
+                               "path": self.path, "host": self.headers.get("host"),
+                               "client_id": self.headers.get("x-meshproxy-client-id")}).encode()
+            self.send_response(200)
+            self.send_header("content-type", "application/json")
+            self.send_header("content-length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+        def log_message(self, *args):
+            pass
+
+    def serve_tcp(port, handle):
+        s = socket.socket()
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind(("0.0.0.0", port))
+        s.listen(64)
+        def loop():
+            while True:
+                conn, peer = s.accept()
+                threading.Thread(target=handle, args=(conn, peer[0]), daemon=True).start()
+        threading.Thread(target=loop, daemon=True).start()
+
+    def lines(conn, peer):  # the server speaks first, then answers each line upper-cased
+        with conn:
+            conn.sendall(f"HELLO {peer}\\n".encode())
+            f = conn.makefile("rb")
+            for line in f:
+                if line.strip() == b"QUIT":
+                    return
+                conn.sendall(line.upper())
+
+    def echo(conn, peer):  # echoes until the client's EOF, then a trailer, then closes
+        with conn:
+            total = 0
+            while True:
+                data = conn.recv(65536)
+                if not data:
+                    break
+                total += len(data)
+                conn.sendall(data)
+            conn.sendall(f"END {total} {peer}\\n".encode())
+
+    def pong(conn, peer):
+        with conn:
+            f = conn.makefile("rb")
+            for line in f:
+                conn.sendall(b"+PONG\\r\\n" if line.strip().upper() == b"PING" else b"-ERR\\r\\n")
+
+    for port in (8080, 8081, 9999):
+        server = ThreadingHTTPServer(("0.0.0.0", port), Web)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+    serve_tcp(7000, lines)
+    serve_tcp(7001, echo)
+    serve_tcp(6379, pong)
+    serve_tcp(3306, lines)
+    print("ready", flush=True)
+    sys.stdin.read()
+''')
+
+CLIENT = textwrap.dedent('''
+    import json, socket, sys, threading, time
+
+    def recv_line(s):
+        data = b""
+        while not data.endswith(b"\\n"):
+            chunk = s.recv(4096)
+            if not chunk:
+                break
+            data += chunk
+        return data.decode()
+
+    cmd, host, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    out = {}
+    try:
+        started = time.monotonic()
+        s = socket.create_connection((host, port), timeout=10)
+        if cmd == "lines":
+            out["greeting"] = recv_line(s).strip()
+            out["greeting_s"] = time.monotonic() - started
+            s.sendall(b"ping\\n")
+            out["reply"] = recv_line(s).strip()
+            s.sendall(b"QUIT\\n")
+            out["closed"] = s.recv(10) == b""
+        elif cmd == "pong":
+            s.sendall(b"PING\\r\\n")
+            out["reply"] = recv_line(s).strip()
+        elif cmd == "echo":
+            size = int(sys.argv[4])
+            payload = bytes(range(256)) * (size // 256)
+            def send():
+                s.sendall(payload)
+                s.shutdown(socket.SHUT_WR)  # half-close: the answer must still arrive
+            sender = threading.Thread(target=send)
+            sender.start()
+            got = bytearray()
+            while True:
+                chunk = s.recv(1 << 16)
+                if not chunk:
+                    break
+                got += chunk
+            sender.join()
+            out["echoed"] = bytes(got[:len(payload)]) == payload
+            out["trailer"] = bytes(got[len(payload):]).decode(errors="replace").strip()
+        elif cmd == "silent":
+            data = s.recv(100)
+            out["data"] = data.decode(errors="replace")
+            out["closed"] = data == b""
+        s.close()
+    except OSError as exc:
+        out["error"] = str(exc)
+    print(json.dumps(out))
+''')
+
+
+def sh(*argv: str, check: bool = True, timeout: float = 20, input: str | None = None
+       ) -> subprocess.CompletedProcess:
+    done = subprocess.run(list(argv), capture_output=True, text=True, timeout=timeout, input=input)
+    if check and done.returncode != 0:
+        raise AssertionError(f"{' '.join(argv)} exited {done.returncode}: {done.stderr}{done.stdout}")
+    return done
+
+
+def wait_for(condition, timeout: float = 15.0, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.05)
+
+
+def mesh(policy: str = "ALLOW_ANY") -> str:
+    """The Mesh both sidecars (or the control plane) read. Every Service of the server pod
+    runs under the pod's one ServiceAccount, `web`, as in Kubernetes: the identity its
+    sidecar proves."""
+    def service(name, port, address, vip=None, account="web"):
+        vips = f"\n    addresses: [{vip}]" if vip else ""
+        return (f"  - name: {name}\n    port: {port}{vips}\n    instances:\n"
+                f"      - name: {name}-0\n        app: {{address: \"{address}\"}}\n"
+                f"        labels: {{meshproxy.io/service-account: {account}}}\n")
+    return ("apiVersion: meshproxy.io/v1alpha1\nkind: Mesh\nmetadata: {name: transparent}\n"
+            f"spec:\n  trustDomain: cluster.local\n  outboundTrafficPolicy: {policy}\n"
+            "  services:\n"
+            + service("web", 80, f"{SERVER_IP}:8080", WEB_VIP)
+            + service("lines", 7000, f"{SERVER_IP}:7000")
+            + service("echo", 7001, f"{SERVER_IP}:7001")
+            + service("kv", 6379, f"{SERVER_IP}:6379", KV_VIP)
+            + service("db", 3306, f"{SERVER_IP}:3306")
+            + service("client", 8080, f"{CLIENT_IP}:8080", account="client"))
+
+
+@dataclass
+class Pod:
+    ns: str
+    ip: str
+    service: str
+    folder: Path
+    mtls: bool
+    sidecar: subprocess.Popen | None = None
+    procs: list = field(default_factory=list)
+
+    @property
+    def config(self) -> Path:
+        """The configuration this pod's sidecar follows (with mTLS, the control plane's)."""
+        return self.folder / ("control-mesh.yaml" if self.mtls else f"{self.service}-mesh.yaml")
+
+    def run(self, *argv: str, check: bool = True, timeout: float = 20) -> subprocess.CompletedProcess:
+        return sh("ip", "netns", "exec", self.ns, *argv, check=check, timeout=timeout)
+
+    def curl(self, url: str, *extra: str) -> tuple[int, dict, dict]:
+        """(status, JSON body or {}, headers) of a GET from this pod's app (root)."""
+        done = self.run("curl", "-s", "-m", "10", "-D", "-", *extra, url)
+        head, _, body = done.stdout.partition("\n\n")  # text mode: CRLF reads as LF
+        lines = head.split("\n")
+        status = int(lines[0].split()[1])
+        headers = {k.strip().lower(): v.strip() for k, _, v in (h.partition(":") for h in lines[1:])}
+        try:
+            data = json.loads(body)
+        except ValueError:
+            data = {"text": body}
+        return status, data, headers
+
+    def tcp(self, cmd: str, host: str, port: int, *args: str, uid: int | None = None) -> dict:
+        user = [] if uid is None else ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups"]
+        done = self.run(*user, sys.executable, "-I", "-S", str(self.folder / "client.py"), cmd,
+                        host, str(port), *args, timeout=30)
+        return json.loads(done.stdout)
+
+    def metrics(self) -> dict[tuple, float]:
+        """Every sample of the sidecar's /metrics: (name, sorted labels) -> value."""
+        text = self.run("curl", "-s", "-m", "5", "http://127.0.0.1:15000/metrics").stdout
+        samples = {}
+        for family in text_string_to_metric_families(text):
+            for s in family.samples:
+                samples[(s.name, tuple(sorted(s.labels.items())))] = s.value
+        return samples
+
+    def value(self, name: str, **labels: str) -> float:
+        """Sum of the samples of `name` whose labels include `labels`."""
+        return sum(v for (n, ls), v in self.metrics().items()
+                   if n == name and all((k, want) in ls for k, want in labels.items()))
+
+
+def _start_sidecar(pod: Pod, identities=None, extra: list[str] = ()) -> None:
+    """The pod's sidecar as UID 1337: standalone, or (`identities`) on the control plane in
+    the server pod, with a bootstrap token for its certificate."""
+    if identities is None:
+        source = ["--config", str(pod.config)]
+    else:
+        control = "127.0.0.1" if pod.ip == SERVER_IP else SERVER_IP
+        source = ["--control", f"http://{control}:15010",
+                  "--token-file", str(identities.token_file(pod.service))]
+    err = open(pod.folder / f"{pod.service}-sidecar.log", "wb")
+    pod.sidecar = subprocess.Popen(
+        ["ip", "netns", "exec", pod.ns, "setpriv", f"--reuid={PROXY_UID}", f"--regid={PROXY_UID}",
+         "--clear-groups", "--inh-caps=+dac_read_search", "--ambient-caps=+dac_read_search",
+         sys.executable, "-m", "meshproxy", "proxy", "--transparent", *source,
+         "--service", pod.service, "--log-level", "debug", "--drain-timeout", "1", *extra],
+        cwd=REPO, stdin=subprocess.DEVNULL, stdout=err, stderr=err)
+    err.close()
+
+    def ready() -> bool:
+        assert pod.sidecar.poll() is None, (pod.folder / f"{pod.service}-sidecar.log").read_text()
+        done = pod.run("curl", "-s", "-o", "/dev/null", "-w", "%{http_code}",
+                       "http://127.0.0.1:15000/ready", check=False)
+        return done.stdout == "200"
+
+    wait_for(ready, 30, f"the sidecar in {pod.ns}")
+
+
+def _start_control(pod: Pod, identities) -> None:
+    """The control plane with the mesh's CA, in the server pod (its port is skipped)."""
+    err = open(pod.folder / "control.log", "wb")
+    proc = subprocess.Popen(
+        ["ip", "netns", "exec", pod.ns, sys.executable, "-m", "meshproxy", "control",
+         "--config", str(pod.config), "--listen", "0.0.0.0:15010",
+         "--ca-dir", str(identities.ca_dir), "--tokens-dir", str(identities.tokens_dir)],
+        cwd=REPO, stdin=subprocess.DEVNULL, stdout=err, stderr=err)
+    err.close()
+    pod.procs.append(proc)
+
+    def ready() -> bool:
+        assert proc.poll() is None, (pod.folder / "control.log").read_text()
+        done = pod.run("curl", "-s", "-o", "/dev/null", "-w", "%{http_code}",
+                       "http://127.0.0.1:15010/ready", check=False)
+        return done.stdout == "200"
+
+    wait_for(ready, 30, "the control plane")
+
+
+def _start_apps(pod: Pod) -> None:
+    proc = subprocess.Popen(["ip", "netns", "exec", pod.ns, sys.executable, "-I", "-S",
+                             str(pod.folder / "apps.py")],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    pod.procs.append(proc)
+    sel = selectors.DefaultSelector()
+    sel.register(proc.stdout, selectors.EVENT_READ)
+    if not sel.select(timeout=15) or proc.stdout.readline().strip() != "ready":
+        proc.kill()
+        raise AssertionError(f"apps in {pod.ns} did not start: {proc.communicate()[1]}")
+
+
+@pytest.fixture(scope="module", params=["plaintext", "mtls", "mtls-asyncio"])
+def pods(request: pytest.FixtureRequest) -> Iterator[tuple[Pod, Pod]]:
+    """The two pods; "plaintext": standalone sidecars; "mtls": sidecars on a control plane
+    with a CA, mTLS between them; "-asyncio": the sidecars on asyncio's loop, not uvloop."""
+    mtls = request.param.startswith("mtls")
+    loop_args = ["--no-uvloop"] if request.param.endswith("asyncio") else []
+    tag = secrets.token_hex(3)
+    folder = Path(tempfile.mkdtemp(prefix="mp-transparent-"))
+    folder.chmod(0o755)
+    (folder / "apps.py").write_text(APPS)
+    (folder / "client.py").write_text(CLIENT)
+    for path in folder.iterdir():
+        path.chmod(0o644)
+    client = Pod(f"mp-tp-{tag}-client", CLIENT_IP, "client", folder, mtls)
+    server = Pod(f"mp-tp-{tag}-server", SERVER_IP, "web", folder, mtls)
+    created: list[str] = []
+    options = InitOptions(skip_inbound_ports=parse_ports("9999,15010"),
+                          skip_outbound_ports=parse_ports("9999"), ipv6=False)
+    identities = None
+    if mtls:
+        from support.mtlsmesh import Identities
+
+        identities = Identities.make(folder / "identity", ["client", "web"])
+    try:
+        for pod in (client, server):
+            sh("ip", "netns", "add", pod.ns)
+            created.append(pod.ns)
+            sh("ip", "-n", pod.ns, "link", "set", "lo", "up")
+        # made inside one namespace with its other end in the other: nothing on the host
+        sh("ip", "-n", client.ns, "link", "add", "eth0", "type", "veth", "peer", "name", "eth0",
+           "netns", server.ns)
+        for pod in (client, server):
+            sh("ip", "-n", pod.ns, "addr", "add", f"{pod.ip}/24", "dev", "eth0")
+            sh("ip", "-n", pod.ns, "link", "set", "eth0", "up")
+            # virtual IPs are routed like a cluster's Service range
+            sh("ip", "-n", pod.ns, "route", "add", "10.96.0.0/16", "dev", "eth0")
+            sh("ip", "netns", "exec", pod.ns, "iptables-restore", "--noflush",
+               input=rules(options)["ipv4"])
+            pod.config.write_text(mesh())
+            pod.config.chmod(0o644)
+        _start_apps(server)
+        if mtls:
+            _start_control(server, identities)
+        for pod in (client, server):
+            _start_sidecar(pod, identities, loop_args)
+        yield client, server
+    finally:
+        for pod in (client, server):
+            if pod.sidecar is not None:
+                pod.sidecar.terminate()
+                try:
+                    pod.sidecar.wait(10)
+                except subprocess.TimeoutExpired:
+                    pod.sidecar.kill()
+                    pod.sidecar.wait(5)
+                print(f"--- sidecar {pod.ns}\n" + (folder / f"{pod.service}-sidecar.log").read_text(
+                    errors="replace")[-20000:])
+            for proc in pod.procs:
+                proc.kill()
+                proc.communicate()
+        for ns in created:
+            sh("ip", "netns", "del", ns, check=False)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+
+def requests(pod: Pod, direction: str, service: str) -> float:
+    return pod.value("meshproxy_requests_total", direction=direction, service=service)
+
+
+def handshakes(pod: Pod, direction: str) -> float:
+    return pod.value("meshproxy_tls_handshakes_total", direction=direction, result="ok")
+
+
+def tcp_opened(pod: Pod, direction: str, service: str | None = None) -> float:
+    labels = {"direction": direction, **({"service": service} if service else {})}
+    return pod.value("meshproxy_tcp_connections_opened_total", **labels)
+
+
+def test_http_goes_app_sidecar_sidecar_app(pods) -> None:
+    client, server = pods
+    out0, in0 = requests(client, "outbound", "web.default"), requests(server, "inbound", "web.default")
+
+    # a Service's virtual IP: balanced across the Service; the Host header stays as sent
+    status, body, _ = client.curl(f"http://{WEB_VIP}/hello")
+    assert status == 200
+    # with mTLS the server's sidecar tells the app who called, as verified
+    caller = "spiffe://cluster.local/ns/default/sa/client" if client.mtls else None
+    assert body == {"peer": "127.0.0.1", "port": 8080, "path": "/hello", "host": WEB_VIP,
+                    "client_id": caller}
+    # an instance's own address: that instance
+    status, body, _ = client.curl(f"http://{SERVER_IP}:8080/pod")
+    assert status == 200 and body["peer"] == "127.0.0.1" and body["path"] == "/pod"
+
+    # both sidecars counted both requests: app -> client sidecar -> server sidecar -> app
+    assert requests(client, "outbound", "web.default") == out0 + 2
+    assert requests(server, "inbound", "web.default") == in0 + 2
+    if client.mtls:  # and between the sidecars it was mTLS, the server proving `web`
+        assert handshakes(client, "outbound") >= 1 and handshakes(server, "inbound") >= 1
+
+
+def test_unknown_destination_passes_through_and_inbound_goes_to_the_original_port(pods) -> None:
+    client, server = pods
+    in0 = server.value("meshproxy_requests_total", direction="inbound")
+    # 8081 is in no Service: ALLOW_ANY passes it through to 10.200.0.2:8081, where the server's
+    # sidecar (no --app-port) sends it on to 127.0.0.1:8081
+    status, body, _ = client.curl(f"http://{SERVER_IP}:8081/other")
+    assert status == 200 and body["port"] == 8081 and body["peer"] == "127.0.0.1"
+    assert requests(client, "outbound", f"{SERVER_IP}:8081") >= 1
+    assert server.value("meshproxy_requests_total", direction="inbound") == in0 + 1
+
+
+def test_an_app_that_addresses_the_proxy_is_routed_by_host(pods) -> None:
+    client, _ = pods
+    before = requests(client, "outbound", "web.default")
+    # HTTP_PROXY-style: not redirected (loopback), so the Host header names the Service
+    status, body, _ = client.curl("http://web/by-host", "-x", "http://127.0.0.1:15001")
+    assert status == 200 and body["path"] == "/by-host" and body["peer"] == "127.0.0.1"
+    assert requests(client, "outbound", "web.default") == before + 1
+
+
+def test_tcp_server_first_is_detected_by_silence(pods) -> None:
+    client, server = pods
+    out0, in0 = tcp_opened(client, "outbound", "lines.default"), tcp_opened(server, "inbound")
+    tls0 = handshakes(client, "outbound"), handshakes(server, "inbound")
+    got = client.tcp("lines", SERVER_IP, 7000)
+    assert got["greeting"] == "HELLO 127.0.0.1"  # through the server's sidecar
+    assert got["reply"] == "PING" and got["closed"]
+    # each sidecar waited for the detection timeout (100 ms) before it took this for TCP
+    assert got["greeting_s"] >= 0.2
+    assert tcp_opened(client, "outbound", "lines.default") == out0 + 1
+    assert tcp_opened(server, "inbound") == in0 + 1
+    assert client.value("meshproxy_tcp_sent_bytes_total", direction="outbound",
+                        service="lines.default") >= len("ping\nQUIT\n")
+    if client.mtls:  # one mTLS connection between the sidecars for this TCP connection
+        assert (handshakes(client, "outbound"), handshakes(server, "inbound")) == (
+            tls0[0] + 1, tls0[1] + 1)
+
+
+def test_opaque_port_skips_detection(pods) -> None:
+    client, server = pods
+    # 3306 is opaque by default: the server's greeting arrives without the detection wait
+    got = client.tcp("lines", SERVER_IP, 3306)
+    assert got["greeting"] == "HELLO 127.0.0.1" and got["reply"] == "PING"
+    assert got["greeting_s"] < 0.15, got
+    # a client-first protocol on an opaque port, through a virtual IP
+    assert client.tcp("pong", KV_VIP, 6379) == {"reply": "+PONG"}
+    assert tcp_opened(client, "outbound", "kv.default") >= 1
+    assert tcp_opened(client, "outbound", "db.default") >= 1
+
+
+def test_tcp_half_close_and_back_pressure(pods) -> None:
+    client, server = pods
+    size = 8 << 20
+    got = client.tcp("echo", SERVER_IP, 7001, str(size))
+    # 8 MiB echoed while being sent (both directions at once), then the client's EOF reached
+    # the server through both sidecars and the server's answer still came back
+    assert got == {"echoed": True, "trailer": f"END {size} 127.0.0.1"}
+    assert client.value("meshproxy_tcp_received_bytes_total", direction="outbound",
+                        service="echo.default") >= size
+
+
+def test_skipped_port_bypasses_the_sidecars(pods) -> None:
+    client, server = pods
+    before = (client.metrics(), server.metrics())
+    status, body, _ = client.curl(f"http://{SERVER_IP}:9999/direct")
+    assert status == 200
+    assert body["peer"] == CLIENT_IP  # straight from the client pod, no sidecar in between
+    after = (client.metrics(), server.metrics())
+    for old, new in zip(before, after):
+        changed = {k for k in new if k[0] in ("meshproxy_requests_total",
+                                              "meshproxy_tcp_connections_opened_total")
+                   and new[k] != old.get(k)}
+        assert not changed
+
+
+def test_the_sidecars_own_traffic_is_not_redirected(pods) -> None:
+    client, server = pods
+    for pod in (client, server):
+        status = Path(f"/proc/{pod.sidecar.pid}/status").read_text()
+        uid_line = next(line for line in status.splitlines() if line.startswith("Uid:"))
+        assert uid_line.split()[1:] == [str(PROXY_UID)] * 4
+    # a connection made as UID 1337 in the client pod leaves it as it is (the server's
+    # sidecar still takes it inbound); one made by the app (root) goes through the sidecar
+    before = tcp_opened(client, "outbound")
+    got = client.tcp("lines", SERVER_IP, 3306, uid=PROXY_UID)
+    assert got["greeting"] == "HELLO 127.0.0.1"
+    assert tcp_opened(client, "outbound") == before
+    client.tcp("lines", SERVER_IP, 3306)
+    assert tcp_opened(client, "outbound") == before + 1
+    # and the sidecar's upstream connections never came back to it: each request above was
+    # counted once per sidecar (test_http_goes_app_sidecar_sidecar_app), none is refused as
+    # addressed to the proxy itself
+    assert client.value("meshproxy_requests_total", code="502") == 0
+
+
+def _reconfigure(pod: Pod, text: str, ready) -> None:
+    """Write the file `pod`'s sidecar follows and wait until `ready(config JSON)` holds."""
+    pod.config.write_text(text)
+
+    def applied() -> bool:
+        done = pod.run("curl", "-s", "http://127.0.0.1:15000/config", check=False)
+        try:
+            return ready(json.loads(done.stdout)["config"])
+        except (ValueError, KeyError):
+            return False
+
+    wait_for(applied, 10, "the new configuration")
+
+
+def test_authorization_applies_to_tcp_too(pods) -> None:
+    client, server = pods
+    deny_all_but_nobody = textwrap.dedent("""
+        ---
+        apiVersion: meshproxy.io/v1alpha1
+        kind: AuthorizationPolicy
+        metadata: {name: only-nobody}
+        spec:
+          targetRef: {kind: Service, name: web}
+          action: ALLOW
+          rules:
+            - from: [{source: {principals: [cluster.local/ns/default/sa/nobody]}}]
+        """)
+    _reconfigure(server, mesh() + deny_all_but_nobody,
+                 lambda c: c["services"]["web.default"]["authorizationPolicies"])
+    try:
+        status, _, headers = client.curl(f"http://{WEB_VIP}/denied")
+        assert status == 403 and headers["x-meshproxy-error"] == "unauthorized"
+        # a byte stream is no way around it: closed before the app's greeting
+        assert client.tcp("silent", SERVER_IP, 7000) == {"data": "", "closed": True}
+    finally:
+        _reconfigure(server, mesh(),
+                     lambda c: not c["services"]["web.default"]["authorizationPolicies"])
+    assert client.tcp("lines", SERVER_IP, 7000)["greeting"] == "HELLO 127.0.0.1"
+
+
+def test_registry_only_refuses_unknown_destinations(pods) -> None:
+    client, _ = pods
+    version = client.run("curl", "-s", "http://127.0.0.1:15000/config").stdout
+    client.config.write_text(mesh("REGISTRY_ONLY"))
+    wait_for(lambda: client.run("curl", "-s", "http://127.0.0.1:15000/config").stdout != version
+             and json.loads(client.run("curl", "-s", "http://127.0.0.1:15000/config").stdout)
+             ["config"]["outboundTrafficPolicy"] == "REGISTRY_ONLY", 10, "the new configuration")
+    status, _, headers = client.curl(f"http://{SERVER_IP}:8081/other")
+    assert status == 502 and headers["x-meshproxy-error"] == "unknown-destination"
+    # TCP to an unknown destination: closed without a byte
+    assert client.tcp("silent", SERVER_IP, 8081) == {"data": "", "closed": True}
+    # known destinations still work
+    assert client.curl(f"http://{WEB_VIP}/still")[0] == 200
+    assert client.tcp("pong", KV_VIP, 6379) == {"reply": "+PONG"}
