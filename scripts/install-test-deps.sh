@@ -2,13 +2,13 @@
 # Installs what the test suite needs on a fresh Debian machine: the Debian tools the
 # integration tests drive (curl as a real client, iproute2/iptables for network namespaces,
 # nginx/haproxy/wrk for benchmark smoke runs, promtool to check the Prometheus rules and
-# dashboard queries) and the package with its test extras.
+# dashboard queries, kubectl to render deploy/) and the package with its test extras.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # command -> Debian package that provides it
 declare -A provides=([curl]=curl [nginx]=nginx [haproxy]=haproxy [wrk]=wrk [ip]=iproute2
-                     [iptables]=iptables [ps]=procps [promtool]=prometheus)
+                     [iptables]=iptables [ps]=procps [promtool]=prometheus [kubectl]=kubectl)
 missing=()
 for cmd in "${!provides[@]}"; do
   command -v "$cmd" >/dev/null 2>&1 || [ -x "/usr/sbin/$cmd" ] || missing+=("${provides[$cmd]}")
