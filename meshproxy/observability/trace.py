@@ -8,7 +8,7 @@ none); tracecontext.py reads and writes the headers.
 Spans are recorded through opentelemetry-api only when a tracer is configured (an exporter:
 see otel.py). Without one, the hot path is a scan of the header names, one random span id and
 one formatted header: no span objects, no SDK (the API's extract + inject alone cost ~6 µs,
-an SDK span ~20 µs; this ~2 µs).
+an SDK span ~20 µs; this ~2-3 µs, see docs/observability.md).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import re
 from collections.abc import Mapping
 
 from meshproxy.observability.tracecontext import (
+    B3,
     ODD_DIGITS,
     TRACE_HEADERS,
     TRACEPARENT,
@@ -26,9 +27,12 @@ from meshproxy.observability.tracecontext import (
     ZERO_SPAN,
     ZERO_TRACE,
     Incoming,
+    Parent,
     Sampler,
     extract,
+    format_b3,
     inject,
+    parse_b3,
     parse_traceparent,
 )
 
@@ -178,6 +182,19 @@ class Propagator:
                     headers[index] = (name, b"00-%s-%s-%s" % (
                         trace_id, span_id, b"01" if sampled else b"00"))
                     return TraceContext(trace_id, span_id, parent_id, sampled)
+            elif len(hits) == 1 and headers[hits[0]][0].lower() == B3:
+                # One b3 header with ids: replaced where it stands, as inject() would write it.
+                index = hits[0]
+                name, value = headers[index]
+                parent = parse_b3(value)
+                if parent.__class__ is Parent:
+                    trace_id = parent.trace_id
+                    span_id = self._new_id(16)
+                    sampled = self.sampler.child(parent.sampled, trace_id)
+                    headers[index] = (name, format_b3(
+                        trace_id[16:] if parent.b3_short else trace_id, span_id, sampled,
+                        parent.debug, parent.span_id))
+                    return TraceContext(trace_id, span_id, parent.span_id, sampled)
         incoming = extract(headers, hits or [])
         return self._begin_general(head, incoming, transport)
 
