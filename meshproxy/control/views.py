@@ -25,7 +25,6 @@ from dataclasses import dataclass, field
 from typing import Iterable, Mapping, Sequence
 
 from meshproxy.config import ConfigError, LoadResult, Snapshot, load_objects
-from meshproxy.config.model import AuthorizationPolicy
 
 # (namespace, service, instance) -> the inbound port its sidecar told the control plane.
 Registrations = Mapping[tuple[str, str, str], int]
