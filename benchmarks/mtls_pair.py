@@ -43,6 +43,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from harness.cli import (add_common_arguments, add_noise_arguments, check_pinning,  # noqa: E402
+                         progress, stop_on_signals)
 from harness.mtls_measure import MeasureFailed, Settings, measure  # noqa: E402
 from harness.mtls_report import markdown, summarise  # noqa: E402
 from harness.mtls_stack import MeasuredPath, Stack  # noqa: E402
@@ -79,48 +81,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--timeout", type=float, default=5.0,
                    help="seconds a request may wait for its answer before it counts as an error")
     p.add_argument("--settle", type=float, default=1.0, help="idle seconds between paths")
-    p.add_argument("--noise-limit", type=float, default=25.0,
-                   help="CPU other programs and hypervisor steal may take during a "
-                        "measurement, in %% of one core (all cores together)")
-    p.add_argument("--noise-retries", type=int, default=2,
-                   help="times a measurement over --noise-limit is repeated (the least "
-                        "disturbed attempt is kept)")
-    p.add_argument("--proxy-cpu", type=int, default=0, help="core the proxies are pinned to")
-    p.add_argument("--load-cpu", type=int, default=1,
-                   help="core for the load generator, the app, the control plane and this script")
-    p.add_argument("--no-pin", action="store_true", help="do not pin anything to a core")
-    p.add_argument("--start-timeout", type=float, default=20.0,
-                   help="seconds a server has to become ready")
-    p.add_argument("--meshproxy-cmd", default=f"{shlex.quote(sys.executable)} -m meshproxy",
-                   help="how to run meshproxy (control plane and sidecars)")
-    p.add_argument("--meshproxy-args", default="--log-level warning",
-                   help="extra arguments after `meshproxy proxy ...`")
-    p.add_argument("--out", type=Path, default=DEFAULT_OUT,
-                   help="Markdown report; the raw JSON goes next to it (.json)")
-    p.add_argument("--keep-workdir", action="store_true",
-                   help="keep the temporary folder with configs, certificates and logs")
+    add_noise_arguments(p, limit=25.0,
+                        limit_help="CPU other programs and hypervisor steal may take during a "
+                                   "measurement, in %% of one core (all cores together)",
+                        retries_help="times a measurement over --noise-limit is "
+                        "repeated (the least disturbed attempt is kept)")
+    add_common_arguments(p, default_out=DEFAULT_OUT,
+                         load_cpu_help="core for the load generator, the app, the control plane and this script",
+                         meshproxy_help="how to run meshproxy (control plane and sidecars)",
+                         workdir_help="keep the temporary folder with configs, certificates and logs")
     args = p.parse_args(argv)
     if args.rate <= 0 or args.connections < 1 or args.seconds <= 0 or args.warmup < 0 \
             or args.rounds < 1 or args.noise_retries < 0:
         p.error("--rate, --connections, --seconds and --rounds must be positive, "
                 "--warmup and --noise-retries at least 0")
-    if args.no_pin:
-        args.proxy_cpu = args.load_cpu = None
-    else:
-        usable = os.sched_getaffinity(0)
-        for flag, cpu in (("--proxy-cpu", args.proxy_cpu), ("--load-cpu", args.load_cpu)):
-            if cpu not in usable:
-                p.error(f"{flag} {cpu} is not one of the usable cores {sorted(usable)}; "
-                        "pick others or pass --no-pin")
+    check_pinning(p, args)
     return args
-
-
-def _terminate(signum: int, frame: object) -> None:
-    raise SystemExit(128 + signum)
-
-
-def _progress(text: str) -> None:
-    print(text, file=sys.stderr, flush=True)
 
 
 def _describe(result: dict) -> str:
@@ -151,10 +127,10 @@ def _start_paths(args: argparse.Namespace, stack: Stack) -> tuple[dict[str, Meas
             continue
         try:
             paths[name] = start()
-            _progress(f"started {name}: load goes to 127.0.0.1:{paths[name].port}")
+            progress(f"started {name}: load goes to 127.0.0.1:{paths[name].port}")
         except TargetFailed as exc:
             gone[name] = str(exc)
-            _progress(f"FAILED to start {name}: {exc}")
+            progress(f"FAILED to start {name}: {exc}")
     return paths, gone
 
 
@@ -179,7 +155,7 @@ def _measure(args: argparse.Namespace, path: MeasuredPath, settings: Settings, w
         best["attempts"] = attempt
         if _disturbance(result) <= args.noise_limit or attempt > args.noise_retries:
             break
-        _progress(f"  {path.name}: other programs {result['others_pct']:.0f} % and steal "
+        progress(f"  {path.name}: other programs {result['others_pct']:.0f} % and steal "
                   f"{result['steal_pct']:.0f} % of a core (p90 {result['p90_ms']:.3f} ms); "
                   f"measuring again ({attempt}/{args.noise_retries})")
     return best
@@ -203,7 +179,7 @@ def run_rounds(args: argparse.Namespace, stack: Stack, workdir: Path,
             else:
                 result = _measure(args, path, settings, workdir, known)
             rounds[name].append(result)
-            _progress(f"round {round_no + 1}/{args.rounds} {name:>9}: {_describe(result)}")
+            progress(f"round {round_no + 1}/{args.rounds} {name:>9}: {_describe(result)}")
     return rounds, gone
 
 
@@ -218,13 +194,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.load_cpu is not None:
         os.sched_setaffinity(0, {args.load_cpu})
     signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.signal(signal.SIGTERM, _terminate)
-    signal.signal(signal.SIGHUP, _terminate)
+    stop_on_signals()
     with open("/proc/loadavg") as f:
         loadavg_before = " ".join(f.read().split()[:3])
     busy_before = busy_over(1.0)
     if max(busy_before.values(), default=0.0) > QUIET_PCT:
-        _progress("warning: the machine is not quiet (" + ", ".join(
+        progress("warning: the machine is not quiet (" + ", ".join(
             f"CPU {cpu} {pct:.0f} % busy" for cpu, pct in sorted(busy_before.items()))
             + " before anything started); numbers will be noisy")
     command = shlex.join(["python", *sys.argv]) if argv is None else shlex.join(argv)

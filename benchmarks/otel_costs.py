@@ -1,13 +1,12 @@
 """What the OpenTelemetry libraries cost per call here: W3C extract+inject with the API, and an
 SDK span (start, end) with a batch processor to an in-memory exporter and to an OTLP/HTTP
 exporter posting to a local sink, CPU of the export thread included. `python benchmarks/otel_costs.py`"""
-import timeit, time
+import time
 from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor
+from opentelemetry.sdk.trace.export import BatchSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 from opentelemetry.trace import SpanKind
-from opentelemetry.propagate import extract, inject
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 import threading, http.server
 

@@ -26,6 +26,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from harness.cli import (add_common_arguments, add_noise_arguments, check_pinning,  # noqa: E402
+                         progress, stop_on_signals)
 from harness.cases import (ALL_CASES, MIB, REQUEST_CASES, LoadFailed,  # noqa: E402
                            LoadSettings, measure_requests, measure_stream)
 from harness.procs import Supervisor, busy_over, log_tail  # noqa: E402
@@ -65,24 +67,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--wrk-timeout", type=int, default=5, help="wrk per-request timeout, s")
     p.add_argument("--stream-mib", type=int, default=1024, help="size of a streaming case")
     p.add_argument("--stream-timeout", type=int, default=300, help="curl --max-time, s")
-    p.add_argument("--noise-limit", type=float, default=10.0,
-                   help="share of a core (%%) other programs may use during a measurement")
-    p.add_argument("--noise-retries", type=int, default=2,
-                   help="times a measurement over --noise-limit is repeated (best is kept)")
-    p.add_argument("--proxy-cpu", type=int, default=0, help="core the proxies are pinned to")
-    p.add_argument("--load-cpu", type=int, default=1,
-                   help="core for wrk, curl, the origin and this script")
-    p.add_argument("--no-pin", action="store_true", help="do not pin anything to a core")
-    p.add_argument("--start-timeout", type=float, default=20.0,
-                   help="seconds a server has to become ready")
-    p.add_argument("--meshproxy-cmd", default=f"{shlex.quote(sys.executable)} -m meshproxy",
-                   help="how to run meshproxy")
-    p.add_argument("--meshproxy-args", default="--log-level warning",
-                   help="extra arguments after `meshproxy proxy ...`")
-    p.add_argument("--out", type=Path, default=DEFAULT_OUT,
-                   help="Markdown report; the raw JSON goes next to it (.json)")
-    p.add_argument("--keep-workdir", action="store_true",
-                   help="keep the temporary folder with configs and logs")
+    add_noise_arguments(p, limit=10.0,
+                        retries_help="times a measurement over --noise-limit is repeated (best is kept)")
+    add_common_arguments(p, default_out=DEFAULT_OUT,
+                         load_cpu_help="core for wrk, curl, the origin and this script")
     p.add_argument("--quick", action="store_true", help="smoke run: 2 s per case, 1 round")
     args = p.parse_args(argv)
     quick = {"duration": 2, "warmup": 1, "rounds": 1}
@@ -93,14 +81,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.duration < 1 or args.rounds < 1 or args.warmup < 0 or args.noise_retries < 0:
         p.error("--duration and --rounds must be at least 1, --warmup and --noise-retries "
                 "at least 0")
-    if args.no_pin:
-        args.proxy_cpu = args.load_cpu = None
-    else:
-        usable = os.sched_getaffinity(0)
-        for flag, cpu in (("--proxy-cpu", args.proxy_cpu), ("--load-cpu", args.load_cpu)):
-            if cpu not in usable:
-                p.error(f"{flag} {cpu} is not one of the usable cores {sorted(usable)}; "
-                        "pick others or pass --no-pin")
+    check_pinning(p, args)
     return args
 
 
@@ -114,14 +95,6 @@ def check_tools(args: argparse.Namespace) -> list[str]:
     if not args.no_pin:
         needed.add("taskset")
     return sorted(tool for tool in needed if shutil.which(tool) is None)
-
-
-def _terminate(signum: int, frame: object) -> None:
-    raise SystemExit(128 + signum)
-
-
-def _progress(text: str) -> None:
-    print(text, file=sys.stderr, flush=True)
 
 
 def _describe(result: dict) -> str:
@@ -181,7 +154,7 @@ def _measure(args: argparse.Namespace, stack: Stack, settings: LoadSettings, big
         noise = _other_load(result, endpoint.name)
         if noise <= args.noise_limit or attempt > args.noise_retries:
             break
-        _progress(f"  {case} {endpoint.name}: other programs used {noise:.0f} % of a core; "
+        progress(f"  {case} {endpoint.name}: other programs used {noise:.0f} % of a core; "
                   f"measuring again ({attempt}/{args.noise_retries})")
     return best
 
@@ -198,10 +171,10 @@ def run_rounds(args: argparse.Namespace, stack: Stack, settings: LoadSettings,
     for target in args.targets:
         try:
             endpoints[target] = stack.start(target)
-            _progress(f"started {target} on 127.0.0.1:{endpoints[target].port}")
+            progress(f"started {target} on 127.0.0.1:{endpoints[target].port}")
         except TargetFailed as exc:
             gone[target] = str(exc)
-            _progress(f"FAILED to start {target}: {exc}")
+            progress(f"FAILED to start {target}: {exc}")
     messages = list(gone.values())
     raw: dict = {case: {target: [] for target in args.targets} for case in args.cases}
     for round_no in range(args.rounds):
@@ -219,7 +192,7 @@ def run_rounds(args: argparse.Namespace, stack: Stack, settings: LoadSettings,
                         messages.append(f"round {round_no + 1}, {case}, {target}: "
                                         f"{result['failed']}")
                 raw[case][target].append(result)
-                _progress(f"round {round_no + 1}/{args.rounds} {case:>8} {target:>9}: "
+                progress(f"round {round_no + 1}/{args.rounds} {case:>8} {target:>9}: "
                           f"{_describe(result)}")
     return raw, messages
 
@@ -246,11 +219,10 @@ def main(argv: list[str] | None = None) -> int:
         os.sched_setaffinity(0, {args.load_cpu})
     # A shell starts background jobs with SIGINT ignored; Ctrl-C and `kill -INT` must still work.
     signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.signal(signal.SIGTERM, _terminate)
-    signal.signal(signal.SIGHUP, _terminate)
+    stop_on_signals()
     busy_before = busy_over(1.0)
     if max(busy_before.values(), default=0.0) > QUIET_PCT:
-        _progress("warning: the machine is not quiet (" + ", ".join(
+        progress("warning: the machine is not quiet (" + ", ".join(
             f"CPU {cpu} {pct:.0f} % busy" for cpu, pct in sorted(busy_before.items()))
             + " before anything started); numbers will be noisy")
     command = shlex.join(["python", *sys.argv]) if argv is None else shlex.join(argv)

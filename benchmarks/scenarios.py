@@ -32,6 +32,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from harness.cli import add_common_arguments, check_pinning, progress, stop_on_signals  # noqa: E402
 from harness.procs import Supervisor, busy_over  # noqa: E402
 from harness.report import machine_facts  # noqa: E402
 from harness.scenario_cases import CASE_KEYS, SCENARIOS, select  # noqa: E402
@@ -79,20 +80,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="keep-alive connections of the load generator")
     p.add_argument("--request-timeout", type=float, default=5.0,
                    help="seconds before the client gives up on a request (a failure)")
-    p.add_argument("--proxy-cpu", type=int, default=0, help="core the proxy is pinned to")
-    p.add_argument("--load-cpu", type=int, default=1,
-                   help="core for the load generator, the backends and this script")
-    p.add_argument("--no-pin", action="store_true", help="do not pin anything to a core")
-    p.add_argument("--start-timeout", type=float, default=20.0,
-                   help="seconds a server has to become ready")
-    p.add_argument("--meshproxy-cmd", default=f"{shlex.quote(sys.executable)} -m meshproxy",
-                   help="how to run meshproxy")
-    p.add_argument("--meshproxy-args", default="--log-level warning",
-                   help="extra arguments after `meshproxy proxy ...`")
-    p.add_argument("--out", type=Path, default=DEFAULT_OUT,
-                   help="Markdown report; a JSON summary goes next to it (.json)")
-    p.add_argument("--keep-workdir", action="store_true",
-                   help="keep the temporary folder with configs, logs and request records")
+    add_common_arguments(p, default_out=DEFAULT_OUT, proxy_cpu_help="core the proxy is pinned to",
+                         load_cpu_help="core for the load generator, the backends and this script",
+                         out_help="Markdown report; a JSON summary goes next to it (.json)",
+                         workdir_help="keep the temporary folder with configs, logs and request records")
     args = p.parse_args(argv)
     defaults = ({"duration": 5, "warmup": 1, "kill_at": 2, "recovery_window": 10} if args.quick
                 else {"duration": 20, "warmup": 2, "kill_at": 5, "recovery_window": 20})
@@ -103,23 +94,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             or args.recovery_window <= 0 or args.concurrency < 1):
         p.error("--duration, --recovery-window and --concurrency must be positive, "
                 "--warmup, --kill-at and --restart-after at least 0")
-    if args.no_pin:
-        args.proxy_cpu = args.load_cpu = None
-    else:
-        usable = os.sched_getaffinity(0)
-        for flag, cpu in (("--proxy-cpu", args.proxy_cpu), ("--load-cpu", args.load_cpu)):
-            if cpu not in usable:
-                p.error(f"{flag} {cpu} is not one of the usable cores {sorted(usable)}; "
-                        "pick others or pass --no-pin")
+    check_pinning(p, args)
     return args
-
-
-def _terminate(signum: int, frame: object) -> None:
-    raise SystemExit(128 + signum)
-
-
-def _progress(text: str) -> None:
-    print(text, file=sys.stderr, flush=True)
 
 
 def _describe(result: dict) -> str:
@@ -147,11 +123,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.load_cpu is not None:
         os.sched_setaffinity(0, {args.load_cpu})
     signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.signal(signal.SIGTERM, _terminate)
-    signal.signal(signal.SIGHUP, _terminate)
+    stop_on_signals()
     busy_before = busy_over(1.0)
     if max(busy_before.values(), default=0.0) > QUIET_PCT:
-        _progress("warning: the machine is not quiet (" + ", ".join(
+        progress("warning: the machine is not quiet (" + ", ".join(
             f"CPU {cpu} {pct:.0f} % busy" for cpu, pct in sorted(busy_before.items()))
             + " before anything started); numbers will be noisy")
     command = shlex.join(["python", *sys.argv]) if argv is None else shlex.join(
@@ -172,12 +147,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for n, case in enumerate(cases, 1):
             seconds = settings.warmup_for(case) + settings.measured_seconds(case)
-            _progress(f"[{n}/{len(cases)}] {case.key}: {case.label} ({seconds:g} s of load)")
-            result = CaseRun(case, settings, supervisor, workdir, _progress).run()
+            progress(f"[{n}/{len(cases)}] {case.key}: {case.label} ({seconds:g} s of load)")
+            result = CaseRun(case, settings, supervisor, workdir, progress).run()
             results[case.key] = result
             if "failed" in result:
                 failures.append(f"{case.key}: {result['failed']}")
-            _progress(f"  {_describe(result)}")
+            progress(f"  {_describe(result)}")
     except KeyboardInterrupt:
         print("interrupted; stopping everything", file=sys.stderr)
         return 130

@@ -1,0 +1,68 @@
+"""The command-line flags every benchmark script shares: where the programs run (core
+pinning), how meshproxy is started, where the report goes, and how the script stops."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import signal
+import sys
+from pathlib import Path
+
+
+def add_common_arguments(p: argparse.ArgumentParser, *, default_out: Path, load_cpu_help: str,
+                         proxy_cpu_help: str = "core the proxies are pinned to",
+                         meshproxy_help: str = "how to run meshproxy",
+                         out_help: str = "Markdown report; the raw JSON goes next to it (.json)",
+                         workdir_help: str = "keep the temporary folder with configs and logs") -> None:
+    """Add --proxy-cpu, --load-cpu, --no-pin, --start-timeout, --meshproxy-cmd,
+    --meshproxy-args, --out and --keep-workdir to `p`; check them with `check_pinning`."""
+    p.add_argument("--proxy-cpu", type=int, default=0, help=proxy_cpu_help)
+    p.add_argument("--load-cpu", type=int, default=1, help=load_cpu_help)
+    p.add_argument("--no-pin", action="store_true", help="do not pin anything to a core")
+    p.add_argument("--start-timeout", type=float, default=20.0,
+                   help="seconds a server has to become ready")
+    p.add_argument("--meshproxy-cmd", default=f"{shlex.quote(sys.executable)} -m meshproxy",
+                   help=meshproxy_help)
+    p.add_argument("--meshproxy-args", default="--log-level warning",
+                   help="extra arguments after `meshproxy proxy ...`")
+    p.add_argument("--out", type=Path, default=default_out, help=out_help)
+    p.add_argument("--keep-workdir", action="store_true", help=workdir_help)
+
+
+def add_noise_arguments(p: argparse.ArgumentParser, *, limit: float, retries_help: str,
+                        limit_help: str = "share of a core (%%) other programs may use during "
+                                          "a measurement") -> None:
+    """Add --noise-limit (percent of a core other programs may use while measuring) and
+    --noise-retries."""
+    p.add_argument("--noise-limit", type=float, default=limit, help=limit_help)
+    p.add_argument("--noise-retries", type=int, default=2, help=retries_help)
+
+
+def check_pinning(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """With --no-pin, clear both cores; otherwise exit through `p.error` when a chosen core
+    is not one this process may run on."""
+    if args.no_pin:
+        args.proxy_cpu = args.load_cpu = None
+        return
+    usable = os.sched_getaffinity(0)
+    for flag, cpu in (("--proxy-cpu", args.proxy_cpu), ("--load-cpu", args.load_cpu)):
+        if cpu not in usable:
+            p.error(f"{flag} {cpu} is not one of the usable cores {sorted(usable)}; "
+                    "pick others or pass --no-pin")
+
+
+def stop_on_signals() -> None:
+    """Turn SIGTERM and SIGHUP into SystemExit, so that `finally` blocks stop the servers
+    a run started."""
+    def terminate(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, terminate)
+    signal.signal(signal.SIGHUP, terminate)
+
+
+def progress(text: str) -> None:
+    """One line of progress, on standard error (the report goes to files)."""
+    print(text, file=sys.stderr, flush=True)
