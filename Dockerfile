@@ -15,11 +15,11 @@ COPY meshproxy ./meshproxy
 # The kubernetes extra: discovery, TokenReview and namespace reads from the API server.
 RUN pip install --no-cache-dir '.[kubernetes]' \
  && cd / && rm -rf /src
+WORKDIR /
 
 # The proxy's UID (spec §2): the iptables rules let its own traffic out unredirected.
 RUN groupadd --system --gid 1337 meshproxy \
  && useradd --system --uid 1337 --gid 1337 --no-create-home --shell /usr/sbin/nologin meshproxy
-WORKDIR /
 USER 1337
 ENTRYPOINT ["meshproxy"]
 CMD ["--help"]
