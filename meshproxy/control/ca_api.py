@@ -5,13 +5,19 @@
       400 the body is not that JSON, or the CSR is malformed, badly signed or not ECDSA P-256
       401 no credential, or one that proves no identity
       403 the CSR asks for another identity than the credential proves
-      503 the credential could not be checked now (API server unreachable): try again
-    GET /v1/trust-bundle    the trust anchor, PEM
+      503 the CA is not loaded yet, or the credential could not be checked now (API server
+          unreachable): try again after `Retry-After` seconds
+    GET /v1/trust-bundle    the trust anchor, PEM (503 while the CA is not loaded)
 
 Every error answer is JSON `{"error": "..."}`. The credential is checked before the CSR is
 read, so a caller without one learns nothing about what the CA would accept. Answers are
-counted in `meshproxy_control_certificates_total{result}`: register the returned
-CertificateCounts in the application's metrics registry.
+counted in `meshproxy_control_certificates_total{result}`, and whether the CA is loaded is
+`meshproxy_control_ca_ready` (1 or 0): register the returned CertificateCounts in the
+application's metrics registry.
+
+In a cluster the CA comes from a Secret that may not be readable yet (RBAC, an API server that
+is down): the routes then take a `CASlot`, which the set-up fills in later, and answer 503
+until it does. Serving configuration does not wait for it.
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ from datetime import datetime, timezone
 from typing import Awaitable, Callable, Iterator
 
 from aiohttp import web
-from prometheus_client.metrics_core import CounterMetricFamily
+from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily
 
 from meshproxy.identity.ca import DEFAULT_LIFETIME, CertificateAuthority
 from meshproxy.identity.spiffe import CSRError, IdentityError, IdentityMismatch
@@ -33,20 +39,34 @@ log = logging.getLogger("meshproxy.control.ca")
 RESULTS = ("issued", "bad_request", "unauthenticated", "forbidden", "unavailable", "error")
 MAX_BODY = 65_536  # a CSR and a token fit many times over
 PEM_TYPE = "application/x-pem-file"
+NOT_READY_RETRY_AFTER = 5  # seconds; loading the CA is retried with a backoff of up to 30 s
+UNAVAILABLE_RETRY_AFTER = 1  # seconds; a TokenReview that failed is usually a blip
+
+
+@dataclass
+class CASlot:
+    """The CA the endpoints sign with once it is loaded; until then `problem` says why not."""
+
+    ca: CertificateAuthority | None = None
+    problem: str = "the CA has not been loaded yet"
 
 
 @dataclass(eq=False)  # a collector is registered by identity: it must stay hashable
 class CertificateCounts:
-    """Answers of `POST /v1/certificates` by result; a prometheus-client collector."""
+    """Answers of `POST /v1/certificates` by result, and whether the CA is loaded; a
+    prometheus-client collector."""
 
     counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(RESULTS, 0))
+    slot: CASlot = field(default_factory=CASlot)
 
-    def collect(self) -> Iterator[CounterMetricFamily]:
+    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
         family = CounterMetricFamily("meshproxy_control_certificates", "Certificate requests answered, by result",
                                      labels=["result"])
         for result, value in self.counts.items():
             family.add_metric([result], value)
         yield family
+        yield GaugeMetricFamily("meshproxy_control_ca_ready", "1 once the CA is loaded and signs certificates",
+                                value=1 if self.slot.ca is not None else 0)
 
 
 def _error(status: int, message: str, **headers: str) -> web.Response:
@@ -58,19 +78,28 @@ def _bearer(request: web.Request) -> str:
     return value.strip() if scheme.lower() == "bearer" else ""
 
 
-def add_ca_routes(app: web.Application, ca: CertificateAuthority,
+def _not_ready(slot: CASlot) -> web.Response:
+    return _error(503, f"the control plane's CA is not ready yet: {slot.problem}",
+                  **{"Retry-After": str(NOT_READY_RETRY_AFTER)})
+
+
+def add_ca_routes(app: web.Application, ca: CertificateAuthority | CASlot,
                   verify: Callable[[str], Awaitable[str | None]], *,
                   lifetime: float = DEFAULT_LIFETIME) -> CertificateCounts:
     """Add `POST /v1/certificates` and `GET /v1/trust-bundle` to `app`: certificates signed by
-    `ca` for the identity `verify(token)` returns, valid `lifetime` seconds. Return the
-    counters of the answers given."""
-    counts = CertificateCounts()
+    `ca` (or by the CA of the slot, once it holds one) for the identity `verify(token)`
+    returns, valid `lifetime` seconds. Return the counters of the answers given."""
+    slot = ca if isinstance(ca, CASlot) else CASlot(ca)
+    counts = CertificateCounts(slot=slot)
 
     def answer(result: str, response: web.Response) -> web.Response:
         counts.counts[result] += 1
         return response
 
     async def certificates(request: web.Request) -> web.Response:
+        ca = slot.ca
+        if ca is None:
+            return answer("unavailable", _not_ready(slot))
         # request.read() stops at the application's client_max_size (413 past it).
         raw = await request.read()
         if len(raw) > MAX_BODY:
@@ -89,7 +118,7 @@ def add_ca_routes(app: web.Application, ca: CertificateAuthority,
         except VerifierUnavailable as exc:
             log.warning("cannot check a credential from %s: %s", request.remote, exc)
             return answer("unavailable", _error(503, f"the credential cannot be checked now: {exc}",
-                                                **{"Retry-After": "1"}))
+                                                **{"Retry-After": str(UNAVAILABLE_RETRY_AFTER)}))
         if identity is None:
             return answer("unauthenticated", _error(401, "the credential proves no identity",
                                                     **{"WWW-Authenticate": "Bearer"}))
@@ -116,6 +145,9 @@ def add_ca_routes(app: web.Application, ca: CertificateAuthority,
         }))
 
     async def trust_bundle(request: web.Request) -> web.Response:
+        ca = slot.ca
+        if ca is None:
+            return _not_ready(slot)
         return web.Response(body=ca.trust_bundle(), content_type=PEM_TYPE)
 
     app.router.add_post("/v1/certificates", certificates)

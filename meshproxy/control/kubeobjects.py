@@ -21,9 +21,13 @@ Where the Mesh shape and Kubernetes differ, these choices hold:
   Only IPv4 and IPv6 slices count (FQDN slices are deprecated and give no IP to dial).
 - An instance is named after the endpoint's `targetRef` (the pod), else after its address. A
   pod listed twice for one Service (one slice per IP family, or a slice being rewritten) is one
-  instance: the Service's primary IP family wins. Instance names are unique in a Mesh, but a
-  pod may back several Services and pod names repeat across namespaces: the Service that sorts
-  first (namespace, name) keeps the bare pod name, later ones get `POD.SERVICE.NAMESPACE`.
+  instance: the Service's primary IP family gives its `app.address` (a listing that is not
+  terminating before one that is), and a dual-stack pod's address of the other family becomes
+  `app.otherAddresses`, so that a client calling the pod at either address reaches the
+  instance; endpoints without a targetRef are never merged. Instance names are unique in a
+  Mesh, but a pod may back several Services and pod names repeat across namespaces: the
+  Service that sorts first (namespace, name) keeps the bare pod name, later ones get
+  `POD.SERVICE.NAMESPACE`.
 - A pod is meshed when it has a container or init container `meshproxy-proxy` (the injected
   sidecar); such instances get no `sidecar` key. Unmeshed pods, and endpoints whose pod is not
   known (no targetRef, or the pod not seen yet), get `sidecar: false`: plaintext to the app.
@@ -33,6 +37,10 @@ Where the Mesh shape and Kubernetes differ, these choices hold:
   annotations (less kubectl's last-applied copy); the server's bookkeeping and `status` go.
   They are ordered oldest first (creationTimestamp, then namespace/name), as the Gateway API
   orders routes and as the spec picks "the oldest" policy.
+
+- A Service or EndpointSlice whose fields are not of the shapes the API documents (the API
+  server's schema makes that rare; a webhook or an old object can) is left out alone and
+  reported as a `Rejection`; it does not stop the other objects from being mapped.
 
 Stored objects lose `status`, `managedFields` and `resourceVersion`, and pods everything but
 name, labels, service account and container names: so a status-only update is no change.
@@ -49,6 +57,7 @@ from typing import Any, Iterable
 from meshproxy.config.model.common import DEFAULT_TRUST_DOMAIN
 from meshproxy.config.model.mesh import Mesh, join_host_port
 from meshproxy.config.parse.common import DNS_SUBDOMAIN_RE
+from meshproxy.control.screening import Rejection
 
 API_VERSIONS: dict[str, str] = {
     "Service": "v1",
@@ -73,6 +82,8 @@ _UNSTORED_METADATA = ("managedFields", "resourceVersion")
 _DOCUMENT_METADATA = ("name", "namespace", "labels", "annotations")
 
 Key = tuple[str, str]
+# What a field of an unexpected shape raises deep in the mapping (a list where a dict belongs).
+_SHAPE_ERRORS = (AttributeError, KeyError, TypeError, ValueError)
 
 
 def _meta(obj: dict) -> dict:
@@ -203,15 +214,20 @@ class ClusterState:
         return self._objects[self._kind({}, kind)].get((namespace, name))
 
 
-def documents_from_cluster(state: ClusterState, *, trust_domain: str = DEFAULT_TRUST_DOMAIN) -> list[dict]:
+def documents_from_cluster(state: ClusterState, *, trust_domain: str = DEFAULT_TRUST_DOMAIN,
+                           rejected: list[Rejection] | None = None) -> list[dict]:
     """Return the configuration documents of `state`: the Mesh (every Service with its
     instances), then HTTPRoutes, TrafficPolicies, PeerAuthentications, AuthorizationPolicies,
-    each kind oldest first. Fresh data: the caller may keep or change it."""
+    each kind oldest first. Fresh data: the caller may keep or change it.
+
+    Services and EndpointSlices that cannot be mapped are left out and appended to `rejected`
+    (when given)."""
+    problems = rejected if rejected is not None else []
     mesh = {
         "apiVersion": Mesh.api_version,
         "kind": Mesh.kind,
         "metadata": {"name": MESH_NAME},
-        "spec": {"trustDomain": trust_domain, "services": _services(state)},
+        "spec": {"trustDomain": trust_domain, "services": _services(state, problems)},
     }
     docs = [mesh]
     for kind in DOCUMENT_KINDS:
@@ -241,17 +257,27 @@ def _document(obj: dict) -> dict:
 # Services and instances.
 
 
-def _services(state: ClusterState) -> list[dict]:
+def _unmapped(kind: str, obj: dict, exc: Exception) -> Rejection:
+    namespace, name = _key(obj)
+    return Rejection(kind, namespace, name, f"cannot be mapped: {type(exc).__name__}: {exc}")
+
+
+def _services(state: ClusterState, rejected: list[Rejection]) -> list[dict]:
     slices: dict[Key, list[dict]] = {}
     for s in state.objects("EndpointSlice"):
         namespace, _ = _key(s)
-        service = (_meta(s).get("labels") or {}).get(SERVICE_NAME_LABEL)
+        labels = _meta(s).get("labels")
+        service = labels.get(SERVICE_NAME_LABEL) if isinstance(labels, dict) else None
         if service:
             slices.setdefault((namespace, service), []).append(s)
     taken: set[str] = set()
     out = []
     for service in state.objects("Service"):
-        entry = _service(service, slices.get(_key(service), []), state, taken)
+        try:
+            entry = _service(service, slices.get(_key(service), []), state, taken, rejected)
+        except _SHAPE_ERRORS as exc:
+            rejected.append(_unmapped("Service", service, exc))
+            continue
         if entry is not None:
             out.append(entry)
     return out
@@ -270,7 +296,8 @@ def _ip(text: Any) -> str | None:
         return None
 
 
-def _service(service: dict, slices: list[dict], state: ClusterState, taken: set[str]) -> dict | None:
+def _service(service: dict, slices: list[dict], state: ClusterState, taken: set[str],
+             rejected: list[Rejection]) -> dict | None:
     namespace, name = _key(service)
     spec = service.get("spec") or {}
     port = _chosen_port(spec.get("ports"))
@@ -279,27 +306,44 @@ def _service(service: dict, slices: list[dict], state: ClusterState, taken: set[
     cluster_ips = spec.get("clusterIPs") or [spec.get("clusterIP")]
     addresses = [ip for ip in (_ip(a) for a in cluster_ips) if ip is not None]  # "None": headless
     primary = (spec.get("ipFamilies") or ["IPv4"])[0]
-    best: dict[str, tuple[tuple[bool, bool], dict]] = {}
+    # instance name -> IP family -> (rank, instance): the best listing of each pod per family.
+    best: dict[str, dict[str, tuple[tuple[bool, bool], dict]]] = {}
     for s in sorted(slices, key=lambda s: _key(s)[1]):
         family = s.get("addressType")
-        target = _target_port(s, port)
-        if family not in ("IPv4", "IPv6") or target is None:
-            continue
-        for endpoint in s.get("endpoints") or ():
-            instance = _instance(endpoint, namespace, target, state)
-            if instance is None:
+        try:
+            target = _target_port(s, port)
+            if family not in ("IPv4", "IPv6") or target is None:
                 continue
+            found = [i for i in (_instance(e, namespace, target, state) for e in s.get("endpoints") or ())
+                     if i is not None]
+        except _SHAPE_ERRORS as exc:
+            rejected.append(_unmapped("EndpointSlice", s, exc))
+            continue
+        for instance in found:
             rank = (family != primary, TERMINATING_LABEL in instance.get("labels", {}))
-            held = best.get(instance["name"])
+            held = best.setdefault(instance["name"], {}).get(family)
             if held is None or rank < held[0]:
-                best[instance["name"]] = (rank, instance)
+                best[instance["name"]][family] = (rank, instance)
     instances = []
     for instance_name in sorted(best):
-        instance = best[instance_name][1]
+        instance = _merged(best[instance_name])
         instance["name"] = _unique(instance_name, name, namespace, taken)
         instances.append(instance)
     return {"name": name, "namespace": namespace, "port": port["port"], "addresses": addresses,
             "instances": instances}
+
+
+def _merged(families: dict[str, tuple[tuple[bool, bool], dict]]) -> dict:
+    """The instance of one pod from its best listing per IP family: the best-ranked one (the
+    Service's primary family, not terminating), with the other family's address, when it is on
+    the same port, as `app.otherAddresses`."""
+    (_, instance), *rest = sorted(families.values(), key=lambda entry: entry[0])
+    port = instance["app"]["address"].rpartition(":")[2]
+    others = [host.strip("[]") for host, _, p in (o["app"]["address"].rpartition(":") for _, o in rest)
+              if p == port]
+    if others:
+        instance["app"]["otherAddresses"] = others
+    return instance
 
 
 def _target_port(endpoint_slice: dict, port: dict) -> int | None:

@@ -18,6 +18,10 @@ policies taken as absent because they could not be read would open what they clo
 `on_change(documents, generation)` is called once all kinds are listed, then after each
 burst of changes (collected for `debounce` seconds) whose documents differ from the last ones
 published. `generation` is the highest resourceVersion seen (see `ClusterState`).
+`on_rejected(rejections)`, when given, is called before it whenever the list of Services and
+EndpointSlices that cannot be mapped (and are left out of the documents) changes. Whether the
+documents themselves are valid is for the receiver to judge, object by object
+(meshproxy.control.screening.build_discovered).
 """
 
 from __future__ import annotations
@@ -36,10 +40,12 @@ from kubernetes_asyncio.client.exceptions import ApiException
 
 from meshproxy.config.model.common import DEFAULT_TRUST_DOMAIN
 from meshproxy.control.kubeobjects import ClusterState, documents_from_cluster
+from meshproxy.control.screening import Rejection
 
 log = logging.getLogger(__name__)
 
 OnChange = Callable[[list[dict], int], None]
+OnRejected = Callable[[list[Rejection]], None]
 
 
 @dataclass(frozen=True)
@@ -152,12 +158,15 @@ class KubernetesDiscovery:
         watch_timeout: int = 300,
         page_size: int = 500,
         rng: random.Random | None = None,
+        on_rejected: OnRejected | None = None,
     ) -> None:
         """`namespaces`: watch only these (None: all). `watch_timeout`: seconds the API server
         keeps one watch open before it is renewed. `page_size`: objects per list request.
-        `rng`: jitter of the backoff."""
+        `rng`: jitter of the backoff. `on_rejected`: see the module's docstring."""
         self.api_client = api_client
         self.on_change = on_change
+        self.on_rejected = on_rejected
+        self._unmapped: list[Rejection] = []
         self.trust_domain = trust_domain
         self.namespaces = list(namespaces) if namespaces else None
         self.debounce = debounce
@@ -194,7 +203,19 @@ class KubernetesDiscovery:
             await asyncio.sleep(self.debounce)
 
     def _publish(self) -> None:
-        documents = documents_from_cluster(self.state, trust_domain=self.trust_domain)
+        rejected: list[Rejection] = []
+        try:
+            documents = documents_from_cluster(self.state, trust_domain=self.trust_domain, rejected=rejected)
+        except Exception:  # a bug in the mapping must not end discovery: the next change may map
+            log.exception("the objects from Kubernetes could not be turned into configuration")
+            return
+        if rejected != self._unmapped:
+            self._unmapped = rejected
+            if self.on_rejected is not None:
+                try:
+                    self.on_rejected(list(rejected))
+                except Exception:
+                    log.exception("the objects from Kubernetes that cannot be mapped were not taken")
         if documents == self._published:
             return
         self._published = documents

@@ -4,6 +4,11 @@ refused change, and the proxies that watch it. Sources call `files_changed` and
 
 An invalid change never replaces the snapshot in force: it is logged, kept for `/config` and
 counted (`meshproxy_config_errors_total`); the next valid change replaces both.
+
+Discovered objects (Kubernetes) are judged one by one instead (control/screening.py): an
+invalid object is left out, or held at its last valid version, and everything else goes on
+being applied. The objects rejected now are on `/config` under `rejected`; each rejection is
+logged and counted once, when it first appears, not on every rebuild.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from meshproxy.config import ConfigError, LoadResult
+from meshproxy.control.screening import Rejection, Screening, build_discovered
 from meshproxy.control.views import ControlSnapshot, EncodingCache, build
 
 log = logging.getLogger("meshproxy.control")
@@ -58,6 +64,11 @@ class ControlPlane:
         self._next_watch = 0
         self._changed = asyncio.Event()
         self._encodings = EncodingCache()
+        # The last valid version of each discovered object, and those invalid as they are.
+        self._screening = Screening()
+        # Objects rejected now, by what found them: the discovery's mapping, the screening.
+        self._rejected: dict[str, list[Rejection]] = {"mapping": [], "screening": []}
+        self._warned: set[str] = set()
 
     # -- sources --------------------------------------------------------------------------------
 
@@ -74,6 +85,16 @@ class ControlPlane:
         self.uses_discovery = True
         self.discovered, self.discovery_generation = documents, generation
         return self._rebuild("discovery")
+
+    def discovery_unmapped(self, rejected: list[Rejection]) -> None:
+        """Take the objects a discovery source could not turn into documents at all (they are
+        left out of what it reports); replaces the previous list."""
+        self._set_rejected("mapping", list(rejected))
+
+    @property
+    def rejected(self) -> list[Rejection]:
+        """The discovered objects not in force as they are now."""
+        return [*self._rejected["mapping"], *self._rejected["screening"]]
 
     def register(self, namespace: str, service: str, instance: str, inbound_port: int) -> None:
         """Learn the inbound port of an instance's sidecar; rebuild when it is news.
@@ -94,23 +115,47 @@ class ControlPlane:
             return False  # wait for the first complete list before serving anything
         generation = (self.file_generation, self.discovery_generation) if self.uses_discovery \
             else (self.file_generation,)
+        rejected: list[Rejection] = []
         try:
-            snapshot = build(self.files, self.discovered or (), self.registrations, generation,
-                             self._encodings)
+            if self.discovered:
+                snapshot, rejected = build_discovered(self.files, self.discovered, self._screening,
+                                                      self.registrations, generation, self._encodings)
+            else:
+                snapshot = build(self.files, (), self.registrations, generation, self._encodings)
         except ConfigError as exc:
             self._refuse([str(d) for d in exc.diagnostics] or [str(exc)], why)
             return False
+        self._set_rejected("screening", rejected)
         if self.current is not None and snapshot.version == self.current.version:
             return True
         self.current = snapshot
         self.snapshots_total += 1
         log.info("configuration %s in force (%s; %d documents, %d services)", snapshot.version, why,
                  len(snapshot.documents), len(snapshot.snapshot.services))
+        # Discovery rebuilds on every endpoint change: say each warning once, not every time.
+        warnings = {str(w) for w in snapshot.snapshot.warnings}
         for warning in snapshot.snapshot.warnings:
-            log.warning("%s", warning)
+            if str(warning) not in self._warned:
+                log.warning("%s", warning)
+        self._warned = warnings
         changed, self._changed = self._changed, asyncio.Event()
         changed.set()
         return True
+
+    def _set_rejected(self, source: str, rejected: list[Rejection]) -> None:
+        """Make `rejected` the `source`'s rejections; log and count the ones that are new."""
+        before = set(self._rejected[source])
+        self._rejected[source] = rejected
+        new = [r for r in rejected if r not in before]
+        if new:
+            self.errors_total += len(new)
+            self.last_error = {"time": self.clock(), "source": "kubernetes", "errors": [str(r) for r in new]}
+            for r in new:
+                log.error("configuration from Kubernetes: %s", r)
+        still = {(r.kind, r.namespace, r.name) for r in rejected}
+        for r in sorted(before, key=str):
+            if (r.kind, r.namespace, r.name) not in still:
+                log.info("configuration from Kubernetes: %s %s/%s is no longer rejected", r.kind, r.namespace, r.name)
 
     def _refuse(self, errors: list[str], why: str) -> None:
         self.errors_total += 1
@@ -168,6 +213,7 @@ class ControlPlane:
         """The control plane's `/config`."""
         data = self.current.to_json() if self.current is not None else {"version": None}
         data["lastError"] = self.last_error
+        data["rejected"] = [r.to_json() for r in self.rejected]
         data["errorsTotal"] = self.errors_total
         data["proxies"] = sum(1 for r in self.proxies.values() if r.connected)
         return data

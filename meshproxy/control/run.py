@@ -39,7 +39,8 @@ async def _follow_kubernetes(plane: ControlPlane, kubeconfig: str | None, trust_
 
     api = await make_api_client(kubeconfig)
     try:
-        discovery = KubernetesDiscovery(api, plane.discovery_changed, trust_domain=trust_domain)
+        discovery = KubernetesDiscovery(api, plane.discovery_changed, trust_domain=trust_domain,
+                                        on_rejected=plane.discovery_unmapped)
         await discovery.run()
     finally:
         await api.close()
@@ -52,23 +53,40 @@ def _trust_domain(paths: list[str]) -> str:
     return mesh.trust_domain if mesh is not None else "cluster.local"
 
 
-async def _bootstrap_until_done(api_client, trust_domain: str):
-    """Create (or read) the CA Secret, the webhook certificate and its caBundle; retry with
-    backoff while the API server refuses or fails; return the CA."""
+def _cluster_ca(api_client, trust_domain: str, verifiers: list, *, recheck_every: float,
+                backoff_max: float):
+    """Return (a CASlot the certificate endpoints sign from, a function that starts the
+    coroutine that fills it).
+
+    The coroutine reads or creates the CA Secret, then keeps the webhook's certificate and
+    caBundle current (meshproxy.kube.bootstrap.maintain); the TokenReview check joins
+    `verifiers` once the CA, and with it the trust domain it signs for, is known."""
     import os
     import random
 
-    from meshproxy.kube.bootstrap import Names, bootstrap
+    from meshproxy.control.ca_api import CASlot
+    from meshproxy.identity.tokens import TokenReviewer
+    from meshproxy.kube.bootstrap import Names, maintain
+
+    slot = CASlot(problem="the CA Secret has not been read yet")
+
+    def loaded(ca) -> None:
+        verifiers.append(TokenReviewer(api_client, ca.trust_domain).verify)
+        slot.ca = ca  # last: a request that sees the CA also finds the verifier
+
+    def problem(text: str) -> None:
+        slot.problem = text
 
     names = Names(namespace=os.environ.get("POD_NAMESPACE", Names.namespace))
-    delay = 0.5
-    while True:
-        try:
-            return await bootstrap(api_client, trust_domain=trust_domain, names=names)
-        except Exception as exc:  # API errors, RBAC, a race lost to another replica
-            log.warning("first-start set-up (CA Secret, webhook certificate) failed: %s; retrying", exc)
-            await asyncio.sleep(random.uniform(0, delay))
-            delay = min(delay * 2, 30.0)
+    return slot, lambda: maintain(api_client, trust_domain=trust_domain, names=names, on_ca=loaded,
+                                  on_problem=problem, rng=random.Random(), recheck_every=recheck_every,
+                                  backoff_max=backoff_max)
+
+
+def _log_failure(task: asyncio.Task) -> None:
+    """Say so when a background task ends with an error (they are meant to run until stopped)."""
+    if not task.cancelled() and task.exception() is not None:
+        log.error("%s stopped", task.get_name(), exc_info=task.exception())
 
 
 def _verifier(verifiers: list):
@@ -85,21 +103,30 @@ def _verifier(verifiers: list):
 async def serve_control(paths: list[str], listen: str | None = None, *, kubernetes: bool = False,
                         kubeconfig: str | None = None, stop: asyncio.Event | None = None,
                         ca_dir: str | None = None, tokens_dir: str | None = None,
-                        cert_lifetime: float = 86_400.0) -> int:
+                        cert_lifetime: float = 86_400.0, webhook_recheck_every: float | None = None,
+                        ca_retry_max: float | None = None) -> int:
     """Run the control plane until SIGTERM/SIGINT (or `stop` is set); return the exit code:
-    0, or 1 when the configuration given at start is invalid."""
+    0, or 1 when the configuration given at start is invalid.
+
+    In a cluster without `ca_dir`: `webhook_recheck_every` is how often the webhook's
+    certificate and caBundle are checked, `ca_retry_max` the longest wait between two attempts
+    at the CA (defaults: meshproxy.kube.bootstrap's)."""
     plane = ControlPlane()
     ca, verifiers, review_client = None, [], None
+    background = []
     if ca_dir is None and kubernetes:
         # In a cluster the CA lives in a Secret the first replica creates (with the webhook's
         # serving certificate and its caBundle), so `kubectl apply -k deploy/` is the whole
-        # installation.
+        # installation. It is set up in the background: configuration is served meanwhile, and
+        # certificate requests are answered 503 until the CA is there.
         from meshproxy.control.kubernetes import make_api_client
-        from meshproxy.identity.tokens import TokenReviewer
+        from meshproxy.kube import bootstrap
 
         review_client = await make_api_client(kubeconfig)
-        ca = await _bootstrap_until_done(review_client, _trust_domain(paths))
-        verifiers.append(TokenReviewer(review_client, ca.trust_domain).verify)
+        ca, setup = _cluster_ca(review_client, _trust_domain(paths), verifiers,
+                                recheck_every=webhook_recheck_every or bootstrap.RECHECK_EVERY,
+                                backoff_max=ca_retry_max or bootstrap.BACKOFF_MAX)
+        background.append(("the CA and webhook certificate set-up", setup))
     if ca_dir is not None:
         from meshproxy.identity.ca import CertificateAuthority
         from meshproxy.identity.tokens import BootstrapTokens, TokenReviewer
@@ -119,6 +146,8 @@ async def serve_control(paths: list[str], listen: str | None = None, *, kubernet
         if result.errors:
             for error in result.errors:
                 print(error, file=sys.stderr)
+            if review_client is not None:
+                await review_client.close()
             return 1
         mesh = next((r for r in result.resources if isinstance(r, Mesh)), None)
         if kubernetes:
@@ -134,12 +163,14 @@ async def serve_control(paths: list[str], listen: str | None = None, *, kubernet
     stop = stop or asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
-    tasks = []
     if watcher is not None:
-        tasks.append(asyncio.create_task(_follow_files(plane, watcher)))
+        background.append(("following the files", lambda: _follow_files(plane, watcher)))
     if kubernetes:
         trust_domain = mesh.trust_domain if mesh is not None else "cluster.local"
-        tasks.append(asyncio.create_task(_follow_kubernetes(plane, kubeconfig, trust_domain)))
+        background.append(("discovery from Kubernetes", lambda: _follow_kubernetes(plane, kubeconfig, trust_domain)))
+    tasks = [asyncio.create_task(start(), name=name) for name, start in background]
+    for task in tasks:
+        task.add_done_callback(_log_failure)
     # Watches are endless streams: give them a second to notice the end, then cut them.
     app = build_app(plane, ca=ca, verify=_verifier(verifiers), cert_lifetime=cert_lifetime)
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)

@@ -14,6 +14,10 @@ A proxy's view is every document it needs to call out (the Mesh with every Servi
 endpoints, the routes, the TrafficPolicies, the PeerAuthentications: a caller sends plaintext to
 a Service whose mTLS is disabled) plus the AuthorizationPolicies in force for its own Service,
 and no other Service's: who may call a Service is none of its callers' business.
+
+Documents from a discovery source (Kubernetes) are many objects with many owners, so they are
+judged one by one (control/screening.py): an invalid object does not hold back everyone else's.
+Files keep the all-or-nothing rule: one person edits them, and half a folder is no valid state.
 """
 
 from __future__ import annotations
@@ -24,11 +28,19 @@ import json
 from dataclasses import dataclass, field
 from typing import Iterable, Mapping, Sequence
 
-from meshproxy.config import ConfigError, LoadResult, Snapshot, load_objects
+from meshproxy.config import ConfigError, Diagnostic, LoadResult, Resource, Snapshot
+from meshproxy.config.diagnostics import Diagnostics
+from meshproxy.config.parse import parse_document
+from meshproxy.config.validate import cross_check
+from meshproxy.config.yamlsource import YEntry, YMap, YNode, YSeq, from_python
 
 # (namespace, service, instance) -> the inbound port its sidecar told the control plane.
 Registrations = Mapping[tuple[str, str, str], int]
 INBOUND_KINDS = ("AuthorizationPolicy",)
+# Where a screened document came from when it is not one discovered object.
+FILES_SOURCE = "<files>"
+DISCOVERY_SOURCE = "<discovery>"
+ObjectKey = tuple[str, str, str]  # kind, namespace, name
 
 
 def _dumps(value) -> bytes:
@@ -161,21 +173,25 @@ def build(
     """Return the ControlSnapshot of the files' load result and discovered documents.
 
     Raises ConfigError when the files had errors (with FILE:LINE:COL) or the combination is
-    invalid. Registrations (sidecar inbound ports) fill in ports the files leave open.
+    invalid; an error in a discovered object names it as its file (`HTTPRoute NS/NAME`, or
+    `Service NS/NAME` for a Service of the discovered Mesh). Registrations (sidecar inbound
+    ports) fill in ports the files leave open.
     """
     registrations = registrations or {}
     if files is not None and files.errors:
         raise ConfigError(files.errors, files.warnings)
     file_documents = list(files.documents) if files is not None else []
     documents = merge_discovered(file_documents, discovered) if discovered else file_documents
+    # Checked before anything is encoded: a refused change costs the check alone.
+    loaded = load_nodes(_labelled_nodes(file_documents, discovered)) if discovered else None
     cache = cache if cache is not None else EncodingCache()
     used: dict[int, tuple] = {}
     pairs = [cache.encode(d, registrations, used) for d in documents]
     sent = [p[0] for p in pairs]
     encoded = [p[1] for p in pairs]
     version = hashlib.sha256(b"\n".join(encoded)).hexdigest()[:12]
-    if discovered:
-        snapshot = load_objects(documents, source="<discovery>", version=version)
+    if loaded is not None:
+        snapshot = Snapshot(loaded[0], warnings=loaded[1], version=version)
     elif files is not None:
         snapshot = Snapshot(files.resources, warnings=files.warnings, files=files.files, version=version)
     else:
@@ -186,3 +202,69 @@ def build(
     index = {id(r): i for i, r in enumerate(snapshot.resources) if i in inbound}
     cache.keep(used)
     return ControlSnapshot(version, tuple(generation), tuple(sent), snapshot, shared, inbound, index)
+
+
+def object_key(doc: dict, kind: str | None = None) -> ObjectKey:
+    """(kind, namespace, name) of a discovered document, or of a Service of a Mesh."""
+    meta = doc.get("metadata") if isinstance(doc.get("metadata"), dict) else doc
+    return (str(kind or doc.get("kind")), str(meta.get("namespace") or "default"), str(meta.get("name")))
+
+
+def object_label(key: ObjectKey) -> str:
+    """`KIND NAMESPACE/NAME`: the "file" a discovered object's errors name."""
+    return f"{key[0]} {key[1]}/{key[2]}"
+
+
+def _with_services(mesh: YNode, services: list[YNode]) -> YNode:
+    """The Mesh node `mesh` with `services` appended to its spec.services."""
+    spec_entry = mesh.entries.get("spec") if isinstance(mesh, YMap) else None
+    if not services or spec_entry is None or not isinstance(spec_entry.value, YMap):
+        return mesh  # a Mesh without a spec mapping: its own error says so
+    spec = spec_entry.value
+    held = spec.entries.get("services")
+    if held is not None and not isinstance(held.value, YSeq):
+        return mesh
+    own = held.value.items if held is not None else ()
+    entries = {**spec.entries, "services": YEntry("services", held.key_pos if held else spec.pos,
+                                                  YSeq(spec.pos, (*own, *services)))}
+    return YMap(mesh.pos, {**mesh.entries, "spec": YEntry("spec", spec_entry.key_pos, YMap(spec.pos, entries))})
+
+
+def _labelled_nodes(file_documents: Sequence[dict], discovered: Sequence[dict]) -> list[YNode]:
+    """The documents of merge_discovered(file_documents, discovered) as nodes, in its order;
+    each discovered object (a Service of a Mesh, or a document) under its own source name,
+    the files' documents under FILES_SOURCE, a discovered Mesh's settings DISCOVERY_SOURCE."""
+    nodes = [from_python(doc, FILES_SOURCE) for doc in file_documents]
+    mesh_at = next((i for i, d in enumerate(file_documents) if d.get("kind") == "Mesh"), None)
+    known: set[ObjectKey] = set()
+    if mesh_at is not None:
+        spec = file_documents[mesh_at].get("spec") or {}
+        known = {object_key(s, "Service") for s in spec.get("services") or () if isinstance(s, dict)}
+    services: list[YNode] = []
+    for doc in discovered:
+        if doc.get("kind") != "Mesh":
+            nodes.append(from_python(doc, object_label(object_key(doc))))
+            continue
+        spec = doc.get("spec") if isinstance(doc.get("spec"), dict) else {}
+        mine = [(object_key(s, "Service"), s) for s in spec.get("services") or () if isinstance(s, dict)]
+        if mesh_at is None:  # the first discovered Mesh is the Mesh, every Service of it kept
+            nodes.append(from_python({**doc, "spec": {k: v for k, v in spec.items() if k != "services"}},
+                                     DISCOVERY_SOURCE))
+            mesh_at = len(nodes) - 1
+        else:  # merged into the Mesh there is: a Service it already has wins
+            mine = [(k, s) for k, s in mine if k not in known]
+        known.update(k for k, _ in mine)
+        services.extend(from_python(s, object_label(k)) for k, s in mine)
+    if mesh_at is not None:
+        nodes[mesh_at] = _with_services(nodes[mesh_at], services)
+    return nodes
+
+
+def load_nodes(nodes: list[YNode]) -> tuple[tuple[Resource, ...], tuple[Diagnostic, ...]]:
+    """Return (resources, warnings) of `nodes`; raises ConfigError listing every error."""
+    diags = Diagnostics()
+    parsed = [parse_document(node, diags) for node in nodes]
+    cross_check(parsed, diags)
+    if diags.errors:
+        raise ConfigError(diags.errors, diags.warnings)
+    return tuple(p.resource for p in parsed if p.resource is not None), tuple(diags.warnings)

@@ -9,60 +9,22 @@ backends are real HTTP servers on 127.0.0.1.
 
 from __future__ import annotations
 
-import asyncio
 import json
-import threading
 
 import pytest
 import requests
-import yaml
 
 import support.kubefactory as k
 from meshproxy.identity.ca import init_ca
 from support.control import ControlProcess
-from support.fakekube import FakeKubeAPI
+from support.threadedkube import threaded_cluster
 from support.proxy import ProxyProcess, wait_for
-
-
-class ThreadedFake:
-    """The fake API server on an event loop of its own, driven from the (synchronous) test."""
-
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-        self.api = self._call(self._make())
-        self.url = self._call(self.api.start())
-
-    async def _make(self) -> FakeKubeAPI:
-        return FakeKubeAPI()
-
-    def _call(self, coro):
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(10)
-
-    def apply(self, obj: dict) -> None:
-        async def apply() -> None:
-            self.api.apply(obj)
-        self._call(apply())
-
-    def close(self) -> None:
-        self._call(self.api.stop())
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(5)
 
 
 @pytest.fixture
 def cluster(tmp_path):
-    fake = ThreadedFake()
-    path = tmp_path / "kubeconfig"
-    path.write_text(yaml.safe_dump({
-        "apiVersion": "v1", "kind": "Config", "current-context": "fake",
-        "clusters": [{"name": "fake", "cluster": {"server": fake.url}}],
-        "users": [{"name": "fake", "user": {"token": "not-checked"}}],
-        "contexts": [{"name": "fake", "context": {"cluster": "fake", "user": "fake"}}],
-    }))
-    yield fake, path
-    fake.close()
+    with threaded_cluster(tmp_path) as running:
+        yield running
 
 
 def _web(backends) -> list[dict]:

@@ -18,13 +18,13 @@ from contextlib import AsyncExitStack, asynccontextmanager, suppress
 
 import pytest
 import uvloop
-import yaml
 from kubernetes_asyncio.config import ConfigException
 
 from meshproxy.config import load_objects
 from meshproxy.control.kubernetes import KubernetesDiscovery, make_api_client
 from support import kubefactory as k
 from support.fakekube import FakeKubeAPI
+from support.threadedkube import write_kubeconfig
 
 DEADLINE = 10.0
 
@@ -84,17 +84,6 @@ def seed(api: FakeKubeAPI, ready: int = 2) -> None:
     api.apply(k.pod("legacy-0", meshed=False))
     api.apply(k.endpoint_slice("web", [k.endpoint(f"10.244.0.{i + 1}", f"web-{i}") for i in range(ready)]))
     api.apply(k.endpoint_slice("legacy", [k.endpoint("10.244.1.1", "legacy-0")]))
-
-
-def write_kubeconfig(folder, url: str) -> str:
-    path = folder / "kubeconfig"
-    path.write_text(yaml.safe_dump({
-        "apiVersion": "v1", "kind": "Config", "current-context": "fake",
-        "clusters": [{"name": "fake", "cluster": {"server": url}}],
-        "users": [{"name": "fake", "user": {"token": "not-checked"}}],
-        "contexts": [{"name": "fake", "context": {"cluster": "fake", "user": "fake"}}],
-    }))
-    return str(path)
 
 
 @asynccontextmanager

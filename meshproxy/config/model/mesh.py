@@ -49,6 +49,10 @@ class Instance:
     command: tuple[str, ...] | None = None  # None: an app the user starts
     meshed: bool = True  # False for `sidecar: false`: reached in plaintext at the app's address
     sidecar_ports: SidecarPorts = field(default_factory=SidecarPorts)
+    # `app.otherAddresses`: further IPs (canonical text) of the same app on `app_port`, such as
+    # a dual-stack pod's address of its other family. Transparent mode takes a connection to
+    # any of them as one to this instance, which is still dialled at its own endpoint.
+    other_app_hosts: tuple[str, ...] = ()
 
     @property
     def app_address(self) -> str:

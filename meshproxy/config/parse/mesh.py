@@ -39,8 +39,8 @@ class _Seen:
 
 
 def parse_mesh(spec: Obj, meta: ObjectMeta, source: Source) -> Mesh:
-    """Return the Mesh of `spec`; a second Service or instance of the same name, or a fixed
-    sidecar port given twice, is an error."""
+    """Return the Mesh of `spec`; a second Service or instance of the same name, a fixed
+    sidecar port given twice, or a bad `app.otherAddresses` entry is an error."""
     trust_domain = spec.string("trustDomain", DEFAULT_TRUST_DOMAIN)
     if not DNS_SUBDOMAIN_RE.match(trust_domain):
         spec.r.error(spec.value_pos("trustDomain"), f"spec.trustDomain: '{trust_domain}' is not a DNS name")
@@ -97,15 +97,48 @@ def _instance(o: Obj, seen: _Seen) -> Instance | None:
     labels = o.str_map("labels")
     address = None
     command = None
+    others: tuple[str, ...] = ()
     app = o.obj("app", required=True)
     if app is not None:
         address = app.address("address", required=True)
+        others = _other_addresses(app, address)
         command = _command(app)
     meshed, ports = _sidecar(o, seen)
     if name is None or address is None:
         return None
     return Instance(name=name, app_host=address[0], app_port=address[1], labels=labels,
-                    command=command, meshed=meshed, sidecar_ports=ports)
+                    command=command, meshed=meshed, sidecar_ports=ports, other_app_hosts=others)
+
+
+def _other_addresses(app: Obj, address: tuple[str, int] | None) -> tuple[str, ...]:
+    """Return the IPs of `app.otherAddresses` in canonical text. An item that is not an IP
+    (a port is not allowed: the app's port is the one of `address`), one given twice, or one
+    that is the app's own address is reported and left out."""
+    own = _canonical_ip(address[0]) if address is not None else None
+    first: dict[str, Pos] = {}
+    for path, node in app.items("otherAddresses"):
+        text = app.r.to_str(node, path)
+        if text is None:
+            continue
+        ip = _canonical_ip(text)
+        if ip is None:
+            app.r.error(node.pos, f"{path}: '{text}' is not an IP address "
+                        "(no port: the app's port is the one of 'address')")
+        elif ip == own:
+            app.r.error(node.pos, f"{path}: '{text}' is the app's own address")
+        elif ip in first:
+            app.r.error(node.pos, f"{path}: '{text}' is given twice (first at {_short(first[ip])})")
+        else:
+            first[ip] = node.pos
+    return tuple(first)
+
+
+def _canonical_ip(text: str) -> str | None:
+    """The canonical text of IP `text` (compressed, lower case), or None for a host name."""
+    try:
+        return str(ipaddress.ip_address(text))
+    except ValueError:
+        return None
 
 
 def _command(app: Obj) -> tuple[str, ...] | None:

@@ -183,20 +183,74 @@ def test_ipv6_endpoints_are_bracketed_and_named_after_the_exploded_address():
     assert snap.instance_at("fd00:10:244::5", 8080)[1].name == "fd00-0010-0244-0000-0000-0000-0000-0005"
 
 
-@pytest.mark.parametrize(("families", "address"), [
-    (["IPv4", "IPv6"], "10.244.0.5:8080"),
-    (["IPv6", "IPv4"], "[fd00:10:244::5]:8080"),
+@pytest.mark.parametrize(("families", "app"), [
+    (["IPv4", "IPv6"], {"address": "10.244.0.5:8080", "otherAddresses": ["fd00:10:244::5"]}),
+    (["IPv6", "IPv4"], {"address": "[fd00:10:244::5]:8080", "otherAddresses": ["10.244.0.5"]}),
 ])
-def test_dual_stack_pod_is_one_instance_at_the_primary_family(families, address):
+def test_dual_stack_pod_is_one_instance_at_the_primary_family_and_its_other_address(families, app):
     docs = documents_from_cluster(state_of(
         k.service("web", cluster_ips=["10.96.0.10", "fd00:10:96::a"], ip_families=families),
-        k.endpoint_slice("web", [k.endpoint("10.244.0.5", "web-0")], name="web-v4"),
-        k.endpoint_slice("web", [k.endpoint("fd00:10:244::5", "web-0")], name="web-v6", address_type="IPv6"),
-        k.pod("web-0"),
+        k.endpoint_slice("web", [k.endpoint("10.244.0.5", "web-0"), k.endpoint("10.244.0.6", "web-1")],
+                         name="web-v4"),
+        k.endpoint_slice("web", [k.endpoint("fd00:10:244::5", "web-0"), k.endpoint("fd00:10:244::6", "web-1")],
+                         name="web-v6", address_type="IPv6"),
+        k.pod("web-0"), k.pod("web-1", ip="10.244.0.6"),
     ))
     web = services(docs)["web.default"]
     assert web["addresses"] == ["10.96.0.10", "fd00:10:96::a"]
-    assert [(i["name"], i["app"]["address"]) for i in web["instances"]] == [("web-0", address)]
+    assert [i["name"] for i in web["instances"]] == ["web-0", "web-1"]
+    assert web["instances"][0]["app"] == app
+    snap = load_objects(docs)
+    web0 = snap.services["web.default"].instances[0]
+    assert {web0.app_host, *web0.other_app_hosts} == {"10.244.0.5", "fd00:10:244::5"}
+
+
+def test_the_other_family_of_a_terminating_primary_listing_is_still_merged():
+    # The primary family wins even when that listing is terminating (today's ranking); the
+    # ready listing of the other family is kept as the further address, not as the instance.
+    docs = documents_from_cluster(state_of(
+        k.service("web", cluster_ips=["10.96.0.10", "fd00:10:96::a"], ip_families=["IPv4", "IPv6"]),
+        k.endpoint_slice("web", [k.endpoint("10.244.0.5", "web-0", ready=False, serving=True, terminating=True)],
+                         name="web-v4"),
+        k.endpoint_slice("web", [k.endpoint("fd00:10:244::5", "web-0")], name="web-v6", address_type="IPv6"),
+        k.pod("web-0"),
+    ))
+    [web0] = services(docs)["web.default"]["instances"]
+    assert web0["app"] == {"address": "10.244.0.5:8080", "otherAddresses": ["fd00:10:244::5"]}
+    assert web0["labels"]["meshproxy.io/terminating"] == "true"
+
+
+def test_within_one_family_the_listing_that_is_not_terminating_gives_the_other_address():
+    # A StatefulSet pod recreated under the same name: its old IPv6 address, still terminating
+    # in one slice, is not taken for the new pod's.
+    docs = documents_from_cluster(state_of(
+        k.service("db", cluster_ip="None", cluster_ips=["None"], ip_families=["IPv4", "IPv6"]),
+        k.endpoint_slice("db", [k.endpoint("10.244.0.7", "db-0")], name="db-v4"),
+        k.endpoint_slice("db", [k.endpoint("fd00:10:244::99", "db-0", ready=False, serving=True, terminating=True)],
+                         name="db-v6-a", address_type="IPv6"),
+        k.endpoint_slice("db", [k.endpoint("fd00:10:244::7", "db-0")], name="db-v6-b", address_type="IPv6"),
+        k.pod("db-0", ip="10.244.0.7"),
+    ))
+    [db0] = services(docs)["db.default"]["instances"]
+    assert db0["app"] == {"address": "10.244.0.7:8080", "otherAddresses": ["fd00:10:244::7"]}
+    assert "meshproxy.io/terminating" not in db0["labels"]
+    load_objects(docs)
+
+
+def test_endpoints_are_merged_only_by_their_pod():
+    # Without a targetRef nothing says two addresses are one pod: two instances, as before;
+    # a pod listed in only one family has no further address.
+    docs = documents_from_cluster(state_of(
+        k.service("web", cluster_ips=["10.96.0.10", "fd00:10:96::a"], ip_families=["IPv4", "IPv6"]),
+        k.endpoint_slice("web", [k.endpoint("10.244.0.5"), k.endpoint("10.244.0.6", "web-1")], name="web-v4"),
+        k.endpoint_slice("web", [k.endpoint("fd00:10:244::5")], name="web-v6", address_type="IPv6"),
+        k.pod("web-1", ip="10.244.0.6"),
+    ))
+    assert {name: i["app"] for name, i in instances(docs).items()} == {
+        "10.244.0.5": {"address": "10.244.0.5:8080"},
+        "fd00-0010-0244-0000-0000-0000-0000-0005": {"address": "[fd00:10:244::5]:8080"},
+        "web-1": {"address": "10.244.0.6:8080"},
+    }
     load_objects(docs)
 
 
