@@ -155,13 +155,23 @@ class AdminServers:
                  health_port: int) -> None:
         self._admin = admin
         self._health = health
+        self._more_health: list[LocalHTTPServer] = []
         self.admin_port = admin_port
         self.health_port = health_port
 
+    async def listen_health(self, host: str) -> None:
+        """Serve the health port on `host` as well, with the same answers (transparent mode:
+        `::` beside `0.0.0.0`, for kubelets that probe over IPv6). Raises OSError when it
+        cannot bind; the servers already running go on."""
+        server = LocalHTTPServer(self._health.handler, _log_exception)
+        await server.start(host, self.health_port)
+        self._more_health.append(server)
+
     async def close(self) -> None:
-        """Stop both servers."""
+        """Stop every server."""
         try:
-            await self._health.close()
+            for server in (*self._more_health, self._health):
+                await server.close()
         finally:
             await self._admin.close()
 

@@ -60,6 +60,9 @@ def _add_proxy(sub: argparse._SubParsersAction) -> None:
                    help="credential for the control plane's CA (a bootstrap token, or a projected "
                    "ServiceAccount token); with it the sidecar gets a certificate and speaks mTLS "
                    "to meshed peers (env MESHPROXY_TOKEN_FILE)")
+    p.add_argument("--service-account", default=_env_default("service_account", None), metavar="NAME",
+                   help="the pod's ServiceAccount (set by injection; env MESHPROXY_SERVICE_ACCOUNT): "
+                   "a certificate for any other account or namespace is refused")
     p.add_argument("--app-probes", default=_env_default("app_probes", None), metavar="JSON",
                    help="the app's HTTP probes to answer on the health port at /app-health/... "
                    "(set by injection; env MESHPROXY_APP_PROBES)")
@@ -90,6 +93,11 @@ def _add_proxy(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--detect-timeout", type=float, default=0.1, metavar="SECONDS",
                    help="transparent mode: how long a silent connection waits before it is taken "
                    "for a server-first protocol (TCP)")
+    p.add_argument("--pod-ips", metavar="IPS",
+                   default=_env_default("pod_ips", None) or _env_default("pod_ip", None),
+                   help="the pod's own addresses, comma-separated (e.g. 10.1.2.3,fd00::3; env "
+                   "MESHPROXY_POD_IPS, else MESHPROXY_POD_IP; set by injection); transparent "
+                   "mode refuses inbound connections sent to any other address")
     p.add_argument("--no-uvloop", action="store_true", help="use the standard asyncio loop")
 
 
@@ -187,7 +195,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     if args.command == "proxy":
-        from meshproxy.dataplane.server import run_proxy
+        from meshproxy.dataplane.process import run_proxy
 
         return run_proxy(args)
     if args.command == "control":

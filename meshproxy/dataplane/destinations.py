@@ -15,6 +15,7 @@ import asyncio
 import random
 from typing import Callable
 
+from meshproxy.config.model.mesh import join_host_port
 from meshproxy.dataplane.tls import TLSState
 from meshproxy.dataplane.upstream import ConnectionPool
 from meshproxy.http1.errors import BadRequest, NoEndpoints, NoHealthyEndpoints, Unauthorized, UnknownDestination
@@ -38,7 +39,7 @@ class EndpointRuntime:
 
     def __init__(self, host: str, port: int, *, meshed: bool, instance: str, load: EndpointLoad,
                  pool: ConnectionPool) -> None:
-        self.key = f"{host}:{port}"
+        self.key = join_host_port(host, port)
         self.host = host
         self.port = port
         self.meshed = meshed
@@ -131,8 +132,22 @@ class ServiceRuntime:
         self.connecting -= 1
 
     def open_connections(self) -> int:
-        """Upstream connections open to this Service's endpoints (maxConnections)."""
+        """Upstream connections open to this Service's endpoints (maxConnections): pooled
+        HTTP connections and proxied TCP connections alike."""
         return sum(e.pool.open_count for e in self.endpoints)
+
+    def at_connection_limit(self) -> bool:
+        """Return True when no new upstream connection may be opened now (spec §3 limits):
+        `maxPendingRequests` connections are being opened, or `maxConnections` are open or
+        being opened and none of them is idle. When one is idle, the longest-idle one is
+        closed to make room and this returns False. Outbound only: the local app (a runtime
+        without a retry budget) has no limits."""
+        if self.budget is None:
+            return False
+        # Connections being opened count too, or a burst would open past the limit.
+        return (self.connecting >= self.max_pending
+                or (self.open_connections() + self.connecting >= self.max_connections
+                    and not self.free_idle_connection()))
 
     def free_idle_connection(self) -> bool:
         """Close the longest-idle connection to any of the endpoints, making room under
@@ -270,7 +285,7 @@ class Destinations:
 
     def _endpoint(self, service_key: str, host: str, port: int, meshed: bool, instance: str,
                   policy, expected_id: str | None = None) -> EndpointRuntime:
-        existing = self._endpoints.get((service_key, f"{host}:{port}"))
+        existing = self._endpoints.get((service_key, join_host_port(host, port)))
         if existing is not None and existing.meshed == meshed and existing.pool.expected_id == expected_id:
             existing.instance = instance
             return existing
@@ -284,7 +299,7 @@ class Destinations:
             expected_id=expected_id,
         )
         lb = policy.load_balancer
-        load = EndpointLoad(f"{host}:{port}", lb.default_rtt, lb.decay, self.clock)
+        load = EndpointLoad(join_host_port(host, port), lb.default_rtt, lb.decay, self.clock)
         return EndpointRuntime(host, port, meshed=meshed, instance=instance, load=load, pool=pool)
 
     def passthrough_to(self, host: str, port: int) -> ServiceRuntime:
@@ -297,10 +312,10 @@ class Destinations:
                 oldest = next(iter(self.passthrough))
                 for endpoint in self.passthrough.pop(oldest).endpoints:
                     endpoint.pool.close_idle()
-            policy = self.snapshot.policy_for(f"{host}:{port}")
-            endpoint = self._endpoint(f"{host}:{port}", host, port, False, "", policy)
+            policy = self.snapshot.policy_for(join_host_port(host, port))
+            endpoint = self._endpoint(join_host_port(host, port), host, port, False, "", policy)
             breaker, budget = self._resilience(None, policy)
-            runtime = ServiceRuntime(f"{host}:{port}", policy, [endpoint],
+            runtime = ServiceRuntime(join_host_port(host, port), policy, [endpoint],
                                      make_balancer("RoundRobin", self.rng),
                                      breaker=breaker, budget=budget)
             self.passthrough[key] = runtime

@@ -40,7 +40,7 @@ class DownstreamConnection(asyncio.Protocol):
     __slots__ = (
         "listener", "loop", "resolver", "metrics", "direction", "transport", "reader",
         "current", "parsing", "queue", "_paused", "_state", "_deadline", "_timer", "_closing",
-        "_writing_paused", "_tunnel", "_eof", "tls", "peer_id",
+        "_writing_paused", "_tunnel", "_eof", "tls", "peer_id", "_peer_address",
     )
 
     def __init__(self, listener: "Listener") -> None:
@@ -64,6 +64,7 @@ class DownstreamConnection(asyncio.Protocol):
         self._eof = False
         self.tls = False
         self.peer_id: str | None = None  # the caller's verified SPIFFE ID (inbound mTLS)
+        self._peer_address: str | None = None  # peer_address()'s answer, made once
 
     # -- asyncio.Protocol ---------------------------------------------------------------------
 
@@ -290,12 +291,7 @@ class DownstreamConnection(asyncio.Protocol):
         # dropped (data_received).
         self.reader = None
         if self.current is None:
-            self._closing = True
-            self.metrics.request_finished(
-                self.direction, "unknown", "default", error.status, 0.0, 0, 0
-            )
-            self.transport.write(error_response(error, keep_alive=False))
-            self._close()
+            self._refuse(error)
         elif self.parsing is self.current:
             # The request being forwarded has a broken body: stop it upstream and answer 400
             # (or cut the connection if its response has already started).
@@ -340,12 +336,39 @@ class DownstreamConnection(asyncio.Protocol):
                                             self._on_timer)
             return
         if self._state == _HEAD:
-            error = HeaderTimeout("request head not received in time")
-            self.metrics.request_finished(
-                self.direction, "unknown", "default", error.status, 0.0, 0, 0
-            )
-            self.transport.write(error_response(error, keep_alive=False))
+            self._refuse(HeaderTimeout("request head not received in time"))
+            return
         self._close()
+
+    def _refuse(self, error: ProxyError) -> None:
+        """Answer `error` to a request that has no exchange (its head was malformed, too
+        large or late: 400, 431, 408), count it, log it, and close the connection."""
+        self._closing = True
+        self.metrics.request_finished(
+            self.direction, "unknown", "default", error.status, 0.0, 0, 0
+        )
+        access_log = self.listener.access_log
+        if access_log is not None:
+            now = self.loop.time()
+            # The header timer was armed, for header_timeout, when the head's first bytes came.
+            started = (self._deadline - self.listener.header_timeout if self._state == _HEAD
+                       else now)
+            access_log.record_refused(started, self.direction, self.peer_address(), error.status,
+                                      max(now - started, 0.0), error.reason)
+        self.transport.write(error_response(error, keep_alive=False))
+        self._close()
+
+    def peer_address(self) -> str | None:
+        """The client's address as `HOST:PORT` (`[HOST]:PORT` for IPv6), or None when the
+        transport has none. Made on first use and kept: every request of a kept-alive
+        connection logs it."""
+        if self._peer_address is None:
+            peer = self.transport.get_extra_info("peername") if self.transport is not None else None
+            if not isinstance(peer, tuple) or len(peer) < 2:
+                return None
+            host = peer[0]
+            self._peer_address = f"[{host}]:{peer[1]}" if ":" in host else f"{host}:{peer[1]}"
+        return self._peer_address
 
     def _close(self) -> None:
         self._closing = True

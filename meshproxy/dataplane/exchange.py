@@ -203,13 +203,7 @@ class Exchange(Resilience):
         if conn is not None:
             self._attach(conn)
             return
-        if service.budget is not None and (
-            service.connecting >= service.max_pending
-            # Connections being opened count too, or a burst would open past the limit; idle
-            # ones (to other endpoints) give way to the one this request needs.
-            or (service.open_connections() + service.connecting >= service.max_connections
-                and not service.free_idle_connection())
-        ):
+        if service.at_connection_limit():  # the rule plain TCP connections follow too
             raise Overloaded(f"{service.key}: connection limit reached")
         # Counted from here, not when the task first runs: the other requests of a burst
         # that arrived in the same read are checked before any task has run. The task's
@@ -548,7 +542,7 @@ class Exchange(Resilience):
                 self.t0, trace.trace_id, trace.span_id, trace.parent_id, head.request_id,
                 down.direction, head.method, head.host, head.target, endpoint, attempts,
                 self.status, duration, self.request_bytes, self.response_bytes, self.route,
-                service, self.error,
+                service, self.error, down.peer_address(),
             )
 
     def _finish(self) -> None:

@@ -4,11 +4,17 @@ app per inbound original port, and who may open a TCP connection inbound.
 
 Outbound: an original destination that is one of a Service's `addresses` (with the Service's
 port) is balanced across that Service (its HTTPRoutes still apply); one that is a known
-instance's app address goes to that instance (over mTLS when it is meshed); anything else
-follows `outboundTrafficPolicy`: ALLOW_ANY passes it through to the original destination
-unchanged, REGISTRY_ONLY answers 502 `unknown-destination` (HTTP) or closes the connection
-(TCP). Inbound, without `--app-port`, a redirected connection goes to the app at
-`--app-host:ORIGINAL_PORT`.
+instance's app address, or one of its `app.otherAddresses` on the app's port (a dual-stack
+pod's other family), goes to that instance's endpoint (over mTLS when it is meshed);
+anything else follows `outboundTrafficPolicy`: ALLOW_ANY passes it through to the original
+destination unchanged, REGISTRY_ONLY answers 502 `unknown-destination` (HTTP) or closes the
+connection (TCP). Inbound, a redirected connection whose original destination is not one of
+the pod's own addresses (`--pod-ips`) is not for this pod and is refused; without
+`--app-port`, one that is goes to the app at `--app-host:ORIGINAL_PORT` (an IPv6 one at `::1`
+when the app listens there: dataplane/loopback.py).
+
+IPv6 addresses are compared in their canonical text (`ipaddress`: compressed, lower case), so
+a Mesh that writes `FD00:0200::0002` and a kernel that reports `fd00:200::2` agree.
 
 A TCP connection is authorized on its source alone: rules that name HTTP methods or paths
 cannot match it (ALLOW) or are taken to match it (DENY), as Istio does, so a client cannot get
@@ -19,13 +25,14 @@ from __future__ import annotations
 
 import ipaddress
 
-from meshproxy.config.model.mesh import REGISTRY_ONLY
+from meshproxy.config.model.mesh import REGISTRY_ONLY, join_host_port
 from meshproxy.dataplane.destinations import (
     IDLE_TO_APP,
     EndpointRuntime,
     OutboundResolver,
     ServiceRuntime,
 )
+from meshproxy.dataplane.loopback import IPV4_LOOPBACK, app_loopback
 from meshproxy.dataplane.upstream import ConnectionPool
 from meshproxy.http1.errors import UnknownDestination
 from meshproxy.policy.authz import SPIFFE_SCHEME, compile_patterns, namespace_of
@@ -33,6 +40,9 @@ from meshproxy.policy.balancer import EndpointLoad, make_balancer
 
 MAX_CACHED = 4096
 MAX_APP_PORTS = 1024
+# How long the loopback address an app listens on (for IPv6 connections) is taken as known
+# before the kernel is asked again: an app may restart and bind differently.
+APP_LOOPBACK_TTL = 5.0
 
 
 def canonical_ip(host: str) -> str:
@@ -47,6 +57,32 @@ def canonical_ip(host: str) -> str:
     return str(ip)
 
 
+def parse_pod_ips(text: str | None) -> frozenset[str]:
+    """Return the canonical texts of the comma-separated IP addresses in `text` (the downward
+    API's `status.podIPs`, e.g. `10.1.2.3,fd00::3`); blank items are ignored, None gives an
+    empty set. Raises ValueError naming an item that is not an IP address."""
+    ips = set()
+    for item in (text or "").split(","):
+        item = item.strip()
+        if not item:
+            continue
+        try:
+            ipaddress.ip_address(item)
+        except ValueError:
+            raise ValueError(f"{item!r} is not an IP address") from None
+        ips.add(canonical_ip(item))
+    return frozenset(ips)
+
+
+def for_this_pod(host: str, pod_ips: frozenset[str]) -> bool:
+    """Whether an inbound connection originally sent to `host` (canonical text) is for this
+    pod: one of its addresses, or loopback (which cannot come from outside the pod); any
+    address when the pod's addresses are not known. Anything else reached the pod only because
+    the inbound redirect takes every address (a stale route, an address the pod was not
+    given), as Linkerd's inbound refuses targets outside its pod's IPs."""
+    return not pod_ips or host in pod_ips or host == "::1" or host.startswith("127.")
+
+
 # -- outbound: where an original destination goes ------------------------------------------------
 
 
@@ -58,10 +94,13 @@ class OriginalDestinations:
         self.destinations = destinations
         self._for = None
         self._vips: dict[tuple[str, int], str] = {}
+        self._instances: dict[tuple[str, int], tuple] = {}
+        self._pins: dict[tuple[str, str], ServiceRuntime | None] = {}  # (Service key, instance name)
         self._cache: dict[tuple[str, int], ServiceRuntime] = {}
 
     def lookup(self, host: str, port: int) -> ServiceRuntime | None:
-        """Return the runtime for `host:port`: the Service whose virtual IP it is, a runtime
+        """Return the runtime for `host:port` (`host` in canonical text, as `original_of`
+        gives it): the Service whose virtual IP it is, a runtime
         pinned to the instance at that address, or (ALLOW_ANY) a passthrough runtime; None
         under REGISTRY_ONLY for anything else."""
         destinations = self.destinations
@@ -69,8 +108,10 @@ class OriginalDestinations:
         if self._for is not snapshot:
             self._for = snapshot
             self._cache = {}
+            self._pins = {}
             self._vips = {(canonical_ip(address), s.port): s.key
                           for s in snapshot.services.values() for address in s.addresses}
+            self._instances = self._instance_index(snapshot)
         key = (host, port)
         runtime = self._cache.get(key)
         if runtime is not None:
@@ -79,9 +120,14 @@ class OriginalDestinations:
         if service_key is not None:
             runtime = destinations.services.get(service_key)
         else:
-            found = snapshot.instance_at(host, port)
+            found = self._instances.get(key)
             if found is not None:
-                runtime = self._pinned(*found)
+                # Every address of an instance shares one pinned runtime (and retry budget).
+                service, instance = found
+                pin = (service.key, instance.name)
+                runtime = self._pins.get(pin)
+                if runtime is None:
+                    runtime = self._pins[pin] = self._pinned(service, instance)
         if runtime is None:
             if snapshot.outbound_traffic_policy == REGISTRY_ONLY:
                 return None
@@ -89,6 +135,19 @@ class OriginalDestinations:
         if len(self._cache) < MAX_CACHED:
             self._cache[key] = runtime
         return runtime
+
+    @staticmethod
+    def _instance_index(snapshot) -> dict[tuple[str, int], tuple]:
+        """(canonical IP, port) -> (Service, Instance) for every address of every instance (a
+        dual-stack pod's `app.otherAddresses` too). Where an address is one instance's own and
+        another's further one, it stays the own one's."""
+        index: dict[tuple[str, int], tuple] = {}
+        for own in (False, True):
+            for s in snapshot.services.values():
+                for i in s.instances:
+                    for host in (i.app_host,) if own else i.other_app_hosts:
+                        index[(canonical_ip(host), i.app_port)] = (s, i)
+        return index
 
     def _pinned(self, service, instance) -> ServiceRuntime | None:
         """A runtime with just `instance`'s endpoint (pool, load and TLS shared with its
@@ -140,25 +199,46 @@ class TransparentOutboundResolver:
 
 
 class InboundApps:
-    """The local app as an endpoint per original destination port (`--app-host:PORT`)."""
+    """The local app as an endpoint per original destination: `--app-host:PORT`; for an IPv6
+    original destination with the default app host, `::1:PORT` when the app listens there
+    (`app_loopback(port)`, dataplane/loopback.py), else `127.0.0.1:PORT`."""
 
-    def __init__(self, proxy) -> None:
+    def __init__(self, proxy, app_loopback=app_loopback) -> None:
         self.proxy = proxy
-        self.runtimes: dict[int, ServiceRuntime] = {}
+        self.app_loopback = app_loopback
+        self.runtimes: dict[tuple[str, int], ServiceRuntime] = {}
+        self._ipv6_hosts: dict[int, tuple[str, float]] = {}
 
-    def at(self, port: int) -> ServiceRuntime:
-        """Return the runtime for the app's `port`; one without endpoints (503, or closed)
-        for the proxy's own ports, which a redirect must never loop back into."""
-        runtime = self.runtimes.get(port)
+    def at(self, original: tuple[str, int]) -> ServiceRuntime:
+        """Return the runtime for the app's port of `original` (host, port); one without
+        endpoints (503, or closed) for the proxy's own ports, which a redirect must never loop
+        back into."""
+        host, port = original
+        app_host = self.proxy.settings.app_host
+        if ":" in host and app_host == IPV4_LOOPBACK:
+            app_host = self._ipv6_app_host(port)
+        key = (app_host, port)
+        runtime = self.runtimes.get(key)
         if runtime is None:
             if len(self.runtimes) >= MAX_APP_PORTS:
                 _, old = self.runtimes.popitem()
                 for endpoint in old.endpoints:
                     endpoint.pool.close_idle()
-            runtime = self.runtimes[port] = self._runtime(port, None)
+            runtime = self.runtimes[key] = self._runtime(app_host, port, None)
         return runtime
 
-    def _runtime(self, port: int, old: ServiceRuntime | None) -> ServiceRuntime:
+    def _ipv6_app_host(self, port: int) -> str:
+        now = self.proxy.loop.time()
+        known = self._ipv6_hosts.get(port)
+        if known is not None and now - known[1] < APP_LOOPBACK_TTL:
+            return known[0]
+        if len(self._ipv6_hosts) >= MAX_APP_PORTS:
+            self._ipv6_hosts.clear()
+        host = self.app_loopback(port)
+        self._ipv6_hosts[port] = (host, now)
+        return host
+
+    def _runtime(self, host: str, port: int, old: ServiceRuntime | None) -> ServiceRuntime:
         proxy = self.proxy
         s = proxy.settings
         snapshot = proxy.destinations.snapshot
@@ -169,17 +249,17 @@ class InboundApps:
             endpoints = old.endpoints
         elif port not in own:
             lb = policy.load_balancer
-            pool = ConnectionPool(proxy.loop, s.app_host, port, idle_timeout=IDLE_TO_APP,
+            pool = ConnectionPool(proxy.loop, host, port, idle_timeout=IDLE_TO_APP,
                                   connect_timeout=policy.connection_pool.connect_timeout,
                                   metrics=proxy.metrics)
-            load = EndpointLoad(f"{s.app_host}:{port}", lb.default_rtt, lb.decay, proxy.loop.time)
-            endpoints = [EndpointRuntime(s.app_host, port, meshed=False, instance=s.instance or "",
+            load = EndpointLoad(join_host_port(host, port), lb.default_rtt, lb.decay, proxy.loop.time)
+            endpoints = [EndpointRuntime(host, port, meshed=False, instance=s.instance or "",
                                          load=load, pool=pool)]
         return ServiceRuntime(s.service_key, policy, endpoints, make_balancer("RoundRobin", proxy.rng))
 
     def apply(self) -> None:
         """A new snapshot: the same endpoints (and pooled connections) under its policy."""
-        self.runtimes = {port: self._runtime(port, old) for port, old in self.runtimes.items()}
+        self.runtimes = {key: self._runtime(*key, old) for key, old in self.runtimes.items()}
 
     def close_idle(self) -> None:
         for runtime in self.runtimes.values():
@@ -205,7 +285,7 @@ class TransparentInboundResolver:
         runtime, target = self.base.resolve(head, down)
         original = getattr(down, "original", None)
         if original is not None and self.apps is not None:
-            runtime = self.apps.at(original[1])
+            runtime = self.apps.at(original)
         return runtime, target
 
 

@@ -1,20 +1,18 @@
-"""`meshproxy proxy`: wires configuration, listeners, admin servers, signals and drain together."""
+"""The proxy: configuration in force, listeners, admin servers, TLS, and the drain. How it runs
+as a process (arguments, signals, configuration and certificate sources) is dataplane/process.py."""
 
 from __future__ import annotations
 
 import asyncio
-import gc
 import logging
 import random
-import signal
-import sys
 import time
 from dataclasses import dataclass, field
 
 from meshproxy.admin import start_servers
-from meshproxy.appprobes import parse_app_probes
 from meshproxy.config import Snapshot
-from meshproxy.dataplane.control_client import ControlClient, watch_target
+from meshproxy.config.model.mesh import join_host_port
+from meshproxy.dataplane.control_client import ControlClient
 from meshproxy.dataplane.tls import Contexts, TLSState
 from meshproxy.policy.authz import Authorizer
 from meshproxy.dataplane.destinations import (
@@ -29,9 +27,9 @@ from meshproxy.dataplane.listener import CLIENT_IDLE_TIMEOUT, HEADER_TIMEOUT, Li
 from meshproxy.dataplane.upstream import ConnectionPool
 from meshproxy.observability.accesslog import AccessLog
 from meshproxy.observability.metrics import ProxyMetrics
-from meshproxy.observability.trace import Tracing, tracing_from_env
+from meshproxy.observability.trace import Tracing
 from meshproxy.policy.balancer import EndpointLoad, make_balancer
-from meshproxy.policy.detect import DEFAULT_OPAQUE_PORTS, DETECT_TIMEOUT, opaque_ports
+from meshproxy.policy.detect import DEFAULT_OPAQUE_PORTS, DETECT_TIMEOUT
 
 log = logging.getLogger("meshproxy.proxy")
 
@@ -57,6 +55,8 @@ class ProxySettings:
     client_idle_timeout: float = CLIENT_IDLE_TIMEOUT
     # Identity (control-plane mode): the credential the CA checks; without one, plaintext.
     token_file: str | None = None
+    # The pod's ServiceAccount (injection sets it): the certificate must name it and `namespace`.
+    service_account: str | None = None
     # The inbound mTLS mode when neither a PeerAuthentication nor the Mesh says (spec §3).
     default_mtls_mode: str = "PERMISSIVE"
     # The app's own HTTP probes, answered on the health port (appprobes.py; from injection).
@@ -65,6 +65,9 @@ class ProxySettings:
     transparent: bool = False
     opaque_ports: frozenset[int] = DEFAULT_OPAQUE_PORTS
     detect_timeout: float = DETECT_TIMEOUT
+    # The pod's own addresses (canonical text); in transparent mode an inbound connection
+    # sent to any other is refused. Empty: not known, every address is accepted.
+    pod_ips: frozenset[str] = frozenset()
     # One JSON line per request to this file, or "-" for stdout; None: no access log.
     access_log: str | None = None
 
@@ -137,9 +140,21 @@ class Proxy:
         control = self.control
         return {"version": snapshot.version if self.has_config else None,
                 "service": self.settings.service_key,
+                "podIPs": sorted(self.settings.pod_ips),
+                "identity": self._identity_json(),
                 "source": {"control": control.url, "connected": control.connected}
                 if control is not None else {"files": list(self.settings.config_paths)},
                 "lastError": self.last_error, "config": snapshot.to_json()}
+
+    def _identity_json(self) -> dict | None:
+        """The certificate in force (None without mTLS; fields null before the first one)."""
+        if self.settings.token_file is None:
+            return None
+        current = self.certificates.current if self.certificates is not None else None
+        if current is None:
+            return {"spiffeId": None, "notAfter": None}
+        return {"spiffeId": current.spiffe_id,
+                "notAfter": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(current.expires))}
 
     def endpoints_json(self) -> dict:
         data = self.destinations.to_json()
@@ -187,36 +202,40 @@ class Proxy:
         """Bind every port; the proxy is ready once all are listening."""
         s = self.settings
         own_ports: set[tuple[str, int]] = set()
-        outbound = Listener(
-            self.loop,
-            OutboundResolver(self.destinations, s.namespace, own_ports),
-            self.metrics, self.rng, header_timeout=s.header_timeout,
-            idle_timeout=s.client_idle_timeout, tracing=self.tracing, access_log=self.access_log,
-        )
         if s.transparent:
             from meshproxy.dataplane.transparent import Transparent
 
             self.transparent = Transparent(self, s.opaque_ports, s.detect_timeout)
-            self.transparent.intercept(outbound)
+        outbound = self.make_listener(OutboundResolver(self.destinations, s.namespace, own_ports))
         s.outbound_port = await outbound.start(s.outbound_bind, s.outbound_port)
         self.listeners.append(outbound)
         self._inbound_runtime = self._make_inbound_runtime(None)
         self._inbound_resolver = InboundResolver(self._inbound_runtime,
                                                  self._authorizer(self.destinations.snapshot))
-        inbound = Listener(
-            self.loop, self._inbound_resolver, self.metrics, self.rng,
-            header_timeout=s.header_timeout, idle_timeout=s.client_idle_timeout,
-            tracing=self.tracing, access_log=self.access_log,
-        )
-        if self.transparent is not None:
-            self.transparent.intercept(inbound)
+        inbound = self.make_listener(self._inbound_resolver)
         s.inbound_port = await inbound.start(s.inbound_bind, s.inbound_port, tls=self.tls)
         self.listeners.append(inbound)
         own_ports.update({("127.0.0.1", s.outbound_port), ("127.0.0.1", s.inbound_port)})
         self.admin = await start_servers(self, "127.0.0.1", s.admin_port, "0.0.0.0", s.health_port,
                                          app_probes=s.app_probes)
         s.admin_port, s.health_port = self.admin.admin_port, self.admin.health_port
+        if s.transparent:
+            from meshproxy.dataplane.dualstack import start_ipv6
+
+            await start_ipv6(self, self._inbound_resolver, own_ports)
         self.ready = True
+
+    def make_listener(self, resolver) -> Listener:
+        """A listener (not started) for `resolver`'s direction; a transparent one in
+        transparent mode."""
+        s = self.settings
+        listener = Listener(
+            self.loop, resolver, self.metrics, self.rng, header_timeout=s.header_timeout,
+            idle_timeout=s.client_idle_timeout, tracing=self.tracing, access_log=self.access_log,
+        )
+        if self.transparent is not None:
+            self.transparent.intercept(listener)
+        return listener
 
     def _make_inbound_runtime(self, old: ServiceRuntime | None) -> ServiceRuntime:
         """The local app as an endpoint: --app-port, else this instance's app in the Mesh.
@@ -233,7 +252,7 @@ class Proxy:
                 host, port = instances[0].app_host, instances[0].app_port
         policy = snapshot.policy_for(s.service_key)
         endpoints = []
-        reused = old.by_key.get(f"{host}:{port}") if old is not None and port is not None else None
+        reused = old.by_key.get(join_host_port(host, port)) if old is not None and port is not None else None
         if reused is not None:
             endpoints.append(reused)
         elif port is not None:
@@ -241,7 +260,7 @@ class Proxy:
                                   connect_timeout=policy.connection_pool.connect_timeout,
                                   metrics=self.metrics)
             lb = policy.load_balancer
-            load = EndpointLoad(f"{host}:{port}", lb.default_rtt, lb.decay, self.loop.time)
+            load = EndpointLoad(join_host_port(host, port), lb.default_rtt, lb.decay, self.loop.time)
             endpoints.append(EndpointRuntime(host, port, meshed=False, instance=s.instance or "",
                                              load=load, pool=pool))
         elif self.has_config and (old is None or old.endpoints):
@@ -278,154 +297,3 @@ class Proxy:
             self.access_log.flush()
             await self.loop.run_in_executor(None, self.access_log.close)
         await self.loop.run_in_executor(None, self.tracing.shutdown)
-
-
-async def _follow_files(proxy: Proxy, watcher) -> None:
-    """Standalone mode: every change of the files becomes a new snapshot, or is refused."""
-    async for result in watcher.changes():
-        if result.errors:
-            proxy.refuse([str(e) for e in result.errors])
-        else:
-            proxy.apply(Snapshot(result.resources, warnings=result.warnings, files=result.files))
-
-
-async def _both(*tasks: asyncio.Future) -> None:
-    """Run `tasks` until one fails or this is cancelled (then cancel them all)."""
-    try:
-        await asyncio.gather(*tasks)
-    finally:
-        for task in tasks:
-            task.cancel()
-
-
-async def _follow_identity(proxy: Proxy, control_url: str, token_file: str) -> None:
-    """Get this proxy's certificate from the control plane's CA and renew it at 70% of its
-    lifetime; `proxy.rotate` puts each in force. The token is read anew for every request (a
-    projected ServiceAccount token is rotated by the kubelet)."""
-    from meshproxy.identity.client import CertificateManager
-
-    def token() -> str:
-        with open(token_file, encoding="utf-8") as f:
-            return f.read().strip()
-
-    proxy.certificates = CertificateManager(control_url, token, rng=proxy.rng, on_rotate=proxy.rotate)
-    await proxy.certificates.run()
-
-
-async def serve(settings: ProxySettings, snapshot: Snapshot | None, *, control_url: str | None = None,
-                watcher=None) -> int:
-    """Run the proxy until SIGTERM/SIGINT or POST /drain has drained it; return 0.
-
-    With `control_url` the configuration comes from the control plane (`snapshot` is None);
-    with `watcher` (standalone) from the files it watches."""
-    loop = asyncio.get_running_loop()
-    proxy = Proxy(settings, snapshot, loop, tracing_from_env(settings.service_key, settings.instance))
-    await proxy.start()
-    follower: asyncio.Task | None = None
-    if control_url is not None:
-        proxy.control = ControlClient(
-            control_url, service=settings.service or "unknown", namespace=settings.namespace,
-            instance=settings.instance, inbound_port=settings.inbound_port,
-            admin=f"127.0.0.1:{settings.admin_port}", on_snapshot=proxy.apply,
-            on_refused=proxy.refuse, rng=proxy.rng,
-        )
-        follower = asyncio.ensure_future(proxy.control.run())
-        if settings.token_file:
-            identity = asyncio.ensure_future(_follow_identity(proxy, control_url, settings.token_file))
-            follower = asyncio.ensure_future(_both(follower, identity))
-    elif watcher is not None:
-        follower = asyncio.ensure_future(_follow_files(proxy, watcher))
-    # Everything made at start-up (modules, configuration) lives as long as the process:
-    # keep it out of the collector's scans, and collect young objects less often. Requests
-    # allocate many short-lived objects that reference counting frees; collecting them every
-    # 700 allocations cost about 8% of the CPU per request (measured with benchmarks/run.py).
-    gc.freeze()
-    gc.set_threshold(20_000, 50, 100)
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, lambda: asyncio.ensure_future(proxy.drain()))
-    log.info(
-        "meshproxy proxy %s listening: outbound 127.0.0.1:%d inbound %s:%d admin 127.0.0.1:%d "
-        "health :%d (%s)", settings.service_key, settings.outbound_port,
-        settings.inbound_bind, settings.inbound_port, settings.admin_port, settings.health_port,
-        f"config {snapshot.version}" if snapshot is not None else f"control plane {control_url}",
-    )
-    await proxy.stopped
-    if follower is not None:
-        follower.cancel()
-        await asyncio.gather(follower, return_exceptions=True)
-    await proxy.close()
-    log.info("drained; exiting")
-    return 0
-
-
-def run_proxy(args) -> int:
-    """Entry point of `meshproxy proxy` (parsed arguments from meshproxy.cli)."""
-    from meshproxy.config.watch import ConfigWatcher
-
-    logging.basicConfig(
-        level=args.log_level.upper(), stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    logging.getLogger("watchfiles").setLevel(logging.WARNING)  # we log what a change did instead
-    if args.control and args.config:
-        print("meshproxy proxy: give either --control URL or --config PATH..., not both", file=sys.stderr)
-        return 2
-    if not args.control and not args.config:
-        print("meshproxy proxy: give --control URL (control plane) or --config PATH... (standalone)",
-              file=sys.stderr)
-        return 2
-    snapshot, watcher = None, None
-    if args.config:
-        watcher = ConfigWatcher(args.config)
-        result = watcher.load()
-        if result.errors:
-            for error in result.errors:
-                print(error, file=sys.stderr)
-            return 1
-        snapshot = Snapshot(result.resources, warnings=result.warnings, files=result.files)
-    else:
-        try:
-            watch_target(args.control, {})
-        except ValueError as exc:
-            print(f"meshproxy proxy: --control: {exc}", file=sys.stderr)
-            return 2
-    settings = ProxySettings(
-        service=args.service, namespace=args.namespace, instance=args.instance,
-        config_paths=list(args.config or []), outbound_bind=args.outbound_bind,
-        outbound_port=args.outbound_port, inbound_bind=args.inbound_bind,
-        inbound_port=args.inbound_port, admin_port=args.admin_port,
-        health_port=args.health_port, app_host=args.app_host, app_port=args.app_port,
-        drain_timeout=args.drain_timeout, header_timeout=args.header_timeout,
-        client_idle_timeout=args.client_idle_timeout,
-        token_file=args.token_file, default_mtls_mode=args.default_mtls_mode,
-        access_log=getattr(args, "access_log", None),
-    )
-    try:
-        settings.app_probes = parse_app_probes(args.app_probes)
-    except ValueError as exc:
-        print(f"meshproxy proxy: {exc}", file=sys.stderr)
-        return 2
-    if getattr(args, "transparent", False):
-        try:
-            settings.opaque_ports = opaque_ports(args.opaque_ports)
-        except ValueError as exc:
-            print(f"meshproxy proxy: --opaque-ports: {exc}", file=sys.stderr)
-            return 2
-        settings.transparent = True
-        settings.detect_timeout = args.detect_timeout
-    if settings.access_log and settings.access_log != "-":
-        try:
-            open(settings.access_log, "ab").close()
-        except OSError as exc:
-            print(f"meshproxy proxy: --access-log: {exc}", file=sys.stderr)
-            return 2
-    if settings.token_file and not args.control:
-        print("meshproxy proxy: --token-file needs --control (the CA is the control plane's)",
-              file=sys.stderr)
-        return 2
-    main = serve(settings, snapshot, control_url=args.control, watcher=watcher)
-    if not args.no_uvloop:
-        import uvloop
-
-        return uvloop.run(main)
-    return asyncio.run(main)

@@ -20,12 +20,22 @@ SPIFFE ID), and then relays:
 - errors: a reset on one side aborts the other; a clean close closes it once its buffered
   bytes are sent.
 
+Limits (spec §3): outbound, a proxied connection is one upstream connection of its Service
+for as long as it is open (the endpoint pool's `open_count`, which HTTP's `maxConnections`
+check reads too) and one being opened while it connects (`connecting`, maxPendingRequests).
+Past a limit there is no 503 to send: the client connection is closed at once.
+
+Refused connections: a client connection that gets no upstream one is closed and counted
+by reason, the spec §4 reasons where they apply: `overloaded` (a limit), `no-endpoints` (the
+Service has no endpoints of its own: HTTPRoute rules apply to HTTP only, so the backends of
+a route, e.g. a canary split's, are not used for opaque TCP, as in Istio and Linkerd),
+`no-healthy-endpoints`, `connect-failure`, `unknown-destination` (REGISTRY_ONLY),
+`unauthorized` (an AuthorizationPolicy, inbound).
+
 There is no idle timeout (long-lived database connections are the common case); a drain
 leaves TCP connections alone until the drain timeout aborts them.
 
-Counters (meshproxy_tcp_connections_opened_total, ..._closed_total, meshproxy_tcp_sent_bytes_total,
-meshproxy_tcp_received_bytes_total, by direction and service) are plain integers added to per
-connection and rendered at scrape time by a collector in the proxy's registry.
+Counters: dataplane/tcpstats.py.
 """
 
 from __future__ import annotations
@@ -37,6 +47,7 @@ import ssl
 from typing import TYPE_CHECKING
 
 from meshproxy.dataplane import tlsstream
+from meshproxy.dataplane.tcpstats import TcpStats
 from meshproxy.dataplane.tls import peer_identity
 from meshproxy.http1.errors import ConnectFailure, ProxyError
 
@@ -51,61 +62,6 @@ PENDING_LIMIT = 64 * 1024
 
 _PAUSE_PENDING = 1  # waiting for the upstream connection, buffer full
 _PAUSE_UPSTREAM = 2  # the upstream's send buffer is full
-
-
-class _Counts:
-    """Connections and bytes of one (direction, service)."""
-
-    __slots__ = ("opened", "closed", "sent", "received")
-
-    def __init__(self) -> None:
-        self.opened = 0
-        self.closed = 0
-        self.sent = 0  # client -> upstream
-        self.received = 0  # upstream -> client
-
-
-class TcpStats:
-    """TCP proxying counters, exposed through a collector registered in `registry`."""
-
-    def __init__(self, registry) -> None:
-        self._counts: dict[tuple[str, str], _Counts] = {}
-        registry.register(self)
-
-    def counts(self, direction: str, service: str) -> _Counts:
-        """Return the record of (direction, service), made on first use."""
-        key = (direction, service)
-        counts = self._counts.get(key)
-        if counts is None:
-            counts = self._counts[key] = _Counts()
-        return counts
-
-    def describe(self):
-        return self._families({})
-
-    def collect(self):
-        return self._families(dict(self._counts))
-
-    @staticmethod
-    def _families(counts: dict):
-        from prometheus_client.metrics_core import CounterMetricFamily
-
-        labels = ("direction", "service")
-        families = {
-            "opened": CounterMetricFamily("meshproxy_tcp_connections_opened",
-                                          "TCP-proxied client connections opened.", labels=labels),
-            "closed": CounterMetricFamily("meshproxy_tcp_connections_closed",
-                                          "TCP-proxied client connections closed.", labels=labels),
-            "sent": CounterMetricFamily("meshproxy_tcp_sent_bytes",
-                                        "TCP-proxied bytes from clients to upstreams.", labels=labels),
-            "received": CounterMetricFamily("meshproxy_tcp_received_bytes",
-                                            "TCP-proxied bytes from upstreams to clients.",
-                                            labels=labels),
-        }
-        for key, record in counts.items():
-            for name, family in families.items():
-                family.add_metric(key, getattr(record, name))
-        return list(families.values())
 
 
 async def open_upstream(loop: asyncio.AbstractEventLoop, pool: "ConnectionPool", protocol_factory,
@@ -224,13 +180,38 @@ class TcpProxy(asyncio.Protocol):
         self.listener.connections.add(self)
         self.listener.metrics.connection_opened(self.direction, self.tls)
         self.counts.opened += 1
-        if self.runtime is None:
-            log.debug("%s TCP connection refused (an unknown destination under REGISTRY_ONLY, "
-                      "or an AuthorizationPolicy)", self.direction)
-            self.closed = True
-            transport.close()
+        runtime = self.runtime
+        if runtime is None:
+            # tcp_destination's only refusals: REGISTRY_ONLY outbound, authorization inbound.
+            if self.direction == "outbound":
+                self._refuse("unknown-destination", "not a known destination (REGISTRY_ONLY)")
+            else:
+                self._refuse("unauthorized", "refused by an AuthorizationPolicy")
             return
+        if not runtime.endpoints:
+            self._refuse("no-endpoints", "the Service has no endpoints of its own" + (
+                " (its HTTPRoutes' backends are for HTTP only)" if runtime.routes is not None
+                else ""))
+            return
+        if runtime.at_connection_limit():
+            self._refuse("overloaded", f"connection limit reached ({runtime.max_connections} "
+                         f"open, {runtime.max_pending} being opened at most)")
+            return
+        # Being opened from here (maxPendingRequests, and maxConnections until it is open);
+        # the done callback uncounts it however the task ends.
+        runtime.connecting += 1
         self.task = self.loop.create_task(self._connect())
+        self.task.add_done_callback(runtime.connect_ended)
+
+    def _refuse(self, reason: str, why: str) -> None:
+        """Close the client connection at once, without an upstream one; count `reason`."""
+        refused = self.counts.refused
+        refused[reason] = refused.get(reason, 0) + 1
+        log.debug("%s TCP connection to %s refused: %s: %s", self.direction,
+                  self.runtime.key if self.runtime is not None else "an unknown destination",
+                  reason, why)
+        self.closed = True
+        self.transport.close()
 
     def data_received(self, data: bytes) -> None:
         self.counts.sent += len(data)
@@ -336,9 +317,11 @@ class TcpProxy(asyncio.Protocol):
                 load.finish(started)
                 raise
             # The connect time is the RTT sample; the connection then counts as in flight
-            # for as long as it is open (the balancer's load is per connection here).
+            # for as long as it is open (the balancer's load is per connection here), and as
+            # one of the Service's open connections (maxConnections, shared with HTTP).
             load.finish(started)
             load.in_flight += 1
+            endpoint.pool.open_count += 1
             self.endpoint = endpoint
             self._outcome(endpoint, True)
             self.task = None
@@ -346,6 +329,9 @@ class TcpProxy(asyncio.Protocol):
             return
         self.task = None
         log.info("%s TCP connection to %s failed: %s", self.direction, runtime.key, error)
+        if error is not None:
+            refused = self.counts.refused
+            refused[error.reason] = refused.get(error.reason, 0) + 1
         if self.transport is not None:
             self.closed = True
             self.transport.abort()
@@ -401,7 +387,10 @@ class TcpProxy(asyncio.Protocol):
 
     def _release_endpoint(self) -> None:
         endpoint, self.endpoint = self.endpoint, None
-        if endpoint is not None and endpoint.load.in_flight > 0:
+        if endpoint is None:
+            return
+        endpoint.pool.open_count -= 1
+        if endpoint.load.in_flight > 0:
             endpoint.load.in_flight -= 1
 
     def _release(self) -> None:

@@ -26,6 +26,8 @@ import ssl
 from dataclasses import dataclass
 from typing import Callable
 
+from meshproxy.identity.spiffe import IdentityError, parse_spiffe_id
+
 log = logging.getLogger("meshproxy.tls")
 TLS_HANDSHAKE_RECORD = 0x16
 HANDSHAKE_TIMEOUT = 10.0
@@ -117,13 +119,26 @@ async def accept_inbound(loop: asyncio.AbstractEventLoop, sock: socket.socket, t
 
 
 def peer_identity(ssl_object) -> str | None:
-    """Return the SPIFFE ID (URI SAN) of the verified peer certificate of a TLS connection, or
-    None without one. Only verified certificates are parsed by `getpeercert()`, and the
-    contexts require one, so what this returns was proven by the peer."""
+    """Return the workload SPIFFE ID of the verified peer certificate of a TLS connection
+    (`transport.get_extra_info("ssl_object")`, an SSLObject or SSLSocket), or None when there
+    is no TLS, no peer certificate, or the certificate does not carry exactly one URI SAN of
+    the form `spiffe://TRUST_DOMAIN/ns/NAMESPACE/sa/SERVICE_ACCOUNT` (spec §5; X.509-SVID
+    allows one). Never raises.
+
+    Read from `getpeercert()`'s dictionary, which OpenSSL has already decoded, rather than by
+    parsing the DER certificate again: this runs for every mTLS connection. `getpeercert()`
+    gives that dictionary only for a certificate the handshake verified, and the contexts
+    require one (CERT_REQUIRED), so what this returns was proven by the peer."""
     if ssl_object is None:
         return None
     cert = ssl_object.getpeercert()
     if not cert:
         return None
     uris = [value for kind, value in cert.get("subjectAltName", ()) if kind == "URI"]
-    return uris[0] if len(uris) == 1 and uris[0].startswith("spiffe://") else None
+    if len(uris) != 1:
+        return None
+    try:
+        parse_spiffe_id(uris[0])
+    except IdentityError:
+        return None
+    return uris[0]

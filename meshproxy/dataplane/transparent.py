@@ -13,9 +13,11 @@ Each accepted connection is first handled by a `Sniffer`, which:
    (dataplane/tcpproxy.py). Opaque ports skip detection;
 3. hands the transport over (`set_protocol`) with the bytes already read.
 
-Where each connection then goes is dataplane/redirected.py's decision. Inbound, TLS is
-decided first (tls.py's rules, with a TlsStream, which can half-close), and the protocol
-detection runs on the decrypted bytes.
+Where each connection then goes is dataplane/redirected.py's decision. Inbound, a
+redirected connection whose original destination is not one of the pod's addresses is refused
+first (closed, counted in meshproxy_inbound_connections_refused_total{reason="not-this-pod"}),
+before any TLS handshake; then TLS is decided (tls.py's rules, with a TlsStream, which can
+half-close), and the protocol detection runs on the decrypted bytes.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+
+from prometheus_client import Counter
 
 from meshproxy.dataplane import tlsstream
 from meshproxy.dataplane.destinations import ServiceRuntime
@@ -34,9 +38,11 @@ from meshproxy.dataplane.redirected import (
     TransparentInboundResolver,
     TransparentOutboundResolver,
     canonical_ip,
+    for_this_pod,
     tcp_allowed,
 )
-from meshproxy.dataplane.tcpproxy import TcpProxy, TcpStats
+from meshproxy.dataplane.tcpproxy import TcpProxy
+from meshproxy.dataplane.tcpstats import TcpStats
 from meshproxy.dataplane.tls import (
     DISABLE,
     HANDSHAKE_TIMEOUT,
@@ -99,9 +105,16 @@ class Sniffer(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
         original = self.original = original_of(transport.get_extra_info("socket"))
-        if original is None and self.listener.direction == "outbound":
+        listener = self.listener
+        if original is None and listener.direction == "outbound":
             # Not redirected: an app that addresses the proxy itself (HTTP_PROXY).
-            self._switch(DownstreamConnection(self.listener))
+            self._switch(DownstreamConnection(listener))
+            return
+        # An inbound listener with TLS checked this before the handshake (_accept_inbound).
+        if (listener.tls is None and listener.direction == "inbound"
+                and not self.mode.for_this_pod(original)):
+            self.transport = None
+            transport.close()
             return
         if self.silent or original is not None and original[1] in self.mode.opaque_ports:
             self._to_tcp()
@@ -167,6 +180,11 @@ class Transparent:
         self.stats = TcpStats(proxy.metrics.registry)
         self.originals = OriginalDestinations(proxy.destinations)
         self.apps = InboundApps(proxy) if proxy.settings.app_port is None else None
+        self.pod_ips = proxy.settings.pod_ips
+        refused = Counter("meshproxy_inbound_connections_refused",
+                          "Redirected inbound connections refused before reaching the app.",
+                          ["reason"], registry=proxy.metrics.registry)
+        self._not_this_pod = refused.labels("not-this-pod")  # shown from 0 on
         self._policies = None
         self._tcp_allowed: dict[str | None, bool] = {}
         log.info("transparent mode: by original destination; protocol detection (%.0f ms); "
@@ -191,6 +209,16 @@ class Transparent:
         if self.apps is not None:
             self.apps.close_idle()
 
+    def for_this_pod(self, original: tuple[str, int] | None) -> bool:
+        """Whether an inbound connection with `original` destination (None: not redirected,
+        addressed to the listener itself) is for this pod; counts and logs a refusal."""
+        if original is None or for_this_pod(original[0], self.pod_ips):
+            return True
+        self._not_this_pod.inc()
+        log.debug("inbound connection to %s:%d refused: not one of this pod's addresses (%s)",
+                  original[0], original[1], ", ".join(sorted(self.pod_ips)))
+        return False
+
     def tcp_destination(self, listener, original, transport) -> ServiceRuntime | None:
         """The runtime a TCP connection goes to, or None when it is refused."""
         if listener.direction == "outbound":
@@ -200,7 +228,7 @@ class Transparent:
             return None
         base = listener.resolver
         if original is not None and base.apps is not None:
-            return base.apps.at(original[1])
+            return base.apps.at(original)
         return base.base.runtime
 
     def _authorized(self, peer: str | None) -> bool:
@@ -219,6 +247,9 @@ class Transparent:
         """tls.accept_inbound's decision for transparent mode: in PERMISSIVE, a client silent
         for the detection timeout is a plaintext server-first one (not refused)."""
         factory = listener.protocol_factory
+        if not self.for_this_pod(original_of(sock)):
+            sock.close()
+            return
         try:
             tls = listener.tls
             mode = tls.mode()

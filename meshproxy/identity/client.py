@@ -8,6 +8,14 @@ exponential backoff and full jitter, and the certificate held stays in use meanw
 24 h there are 7 hours to spare). Each new certificate goes to `on_rotate`, which makes new TLS
 contexts (tls.ssl_contexts): open connections are not dropped.
 
+A control plane answering 503 (its CA not loaded yet, or the credential not checkable now) is
+retried like any failure, waiting at least the `Retry-After` it sends (capped at the backoff's
+maximum), so proxies started together do not hammer a control plane that said when to come back.
+
+With `expected_namespace` and `expected_service_account` (in Kubernetes, the pod's own, from
+the downward API), a certificate for another identity is refused: a token of another
+ServiceAccount mounted by mistake would otherwise make the proxy speak as that account.
+
 The credential is read from `token_source` on every request: a projected ServiceAccount token
 is rotated by the kubelet. The control plane is reached in plain HTTP in this version: the
 credential is the proof of identity, and the trust bundle comes back with the certificate.
@@ -29,10 +37,10 @@ from urllib.parse import urlsplit
 import httptools
 
 from meshproxy.identity.csr import make_csr, new_key
-from meshproxy.identity.spiffe import IdentityError
-from meshproxy.identity.tls import Certificate, peer_spiffe_id, ssl_contexts
+from meshproxy.identity.spiffe import IdentityError, parse_spiffe_id
+from meshproxy.identity.tls import Certificate, ssl_contexts
 
-__all__ = ["Certificate", "CertificateError", "CertificateManager", "peer_spiffe_id", "renewal_time",
+__all__ = ["Certificate", "CertificateError", "CertificateManager", "renewal_time",
            "ssl_contexts"]
 
 log = logging.getLogger("meshproxy.proxy.identity")
@@ -48,7 +56,17 @@ DEFAULT_CONTROL_PORT = 15010
 
 
 class CertificateError(Exception):
-    """No certificate was obtained: the control plane is unreachable or refused the request."""
+    """No certificate was obtained: the control plane is unreachable or refused the request.
+    `retry_after` is the wait in seconds the control plane asked for, if it did."""
+
+    def __init__(self, message: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+def _retry_after(value: str | None) -> float | None:
+    """Seconds of a `Retry-After` header in its delay-seconds form (RFC 9110 §10.2.3), else None."""
+    return float(value) if value is not None and value.strip().isdigit() else None
 
 
 def renewal_time(received: float, expires: float, rng: random.Random, *, at: float = RENEW_AT,
@@ -76,6 +94,11 @@ class _Response:
         self.status: int | None = None
         self.body = bytearray()
         self.complete = False
+        self.retry_after: str | None = None
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if name.lower() == b"retry-after":
+            self.retry_after = value.decode("latin-1")
 
     def on_headers_complete(self) -> None:
         self.status = self.parser.get_status_code()
@@ -93,8 +116,13 @@ class CertificateManager:
     def __init__(self, control_url: str, token_source: Callable[[], str], *,
                  clock: Callable[[], float] = time.time, rng: random.Random | None = None,
                  on_rotate: Callable[[Certificate], None] | None = None, expected_id: str | None = None,
+                 expected_namespace: str | None = None, expected_service_account: str | None = None,
                  backoff_base: float = BACKOFF_BASE, backoff_max: float = BACKOFF_MAX,
                  timeout: float = REQUEST_TIMEOUT) -> None:
+        """`expected_id`: the whole SPIFFE ID the certificate must carry (asked for in the CSR);
+        `expected_namespace`, `expected_service_account`: the parts of it that must match when
+        the trust domain is not known (each checked when given, e.g. from MESHPROXY_NAMESPACE
+        and MESHPROXY_SERVICE_ACCOUNT)."""
         self.target = certificates_target(control_url)  # a bad URL is refused at start
         self.control_url = control_url
         self.token_source = token_source
@@ -102,6 +130,8 @@ class CertificateManager:
         self.rng = rng or random.Random()
         self.on_rotate = on_rotate
         self.expected_id = expected_id
+        self.expected_namespace = expected_namespace or None
+        self.expected_service_account = expected_service_account or None
         self.backoff_base = backoff_base
         self.backoff_max = backoff_max
         self.timeout = timeout
@@ -138,7 +168,7 @@ class CertificateManager:
             raise CertificateError(f"cannot read the credential: {exc}") from None
         payload = json.dumps({"csr": make_csr(key, self.expected_id).decode(), "token": token}).encode()
         try:
-            status, body = await self._post(payload)
+            status, body, retry_after = await self._post(payload)
         except (OSError, TimeoutError, httptools.HttpParserError) as exc:
             raise CertificateError(f"control plane {self.control_url}: {exc or type(exc).__name__}") from None
         try:
@@ -147,7 +177,8 @@ class CertificateManager:
             answer = None
         if status != 200 or not isinstance(answer, dict):
             reason = answer.get("error") if isinstance(answer, dict) else body[:200].decode("utf-8", "replace")
-            raise CertificateError(f"control plane {self.control_url} answered {status}: {reason}")
+            raise CertificateError(f"control plane {self.control_url} answered {status}: {reason}",
+                                   _retry_after(retry_after) if status in (429, 503) else None)
         try:
             cert = Certificate.from_chain(key, str(answer["certificate_chain"]).encode(),
                                           str(answer["trust_bundle"]).encode(), self.clock())
@@ -155,6 +186,7 @@ class CertificateManager:
             raise CertificateError(f"control plane {self.control_url}: unusable answer: {exc}") from None
         if self.expected_id is not None and cert.spiffe_id != self.expected_id:
             raise CertificateError(f"certificate issued for {cert.spiffe_id}, not {self.expected_id}")
+        self._check_account(cert.spiffe_id)
         self._current = cert
         self._renew_at = renewal_time(cert.received, cert.expires, self.rng)
         self.renewals += 1
@@ -166,6 +198,23 @@ class CertificateManager:
             except Exception:  # one bad callback must not stop the renewals
                 log.exception("installing the new certificate failed")
         return cert
+
+    def _check_account(self, spiffe_id: str) -> None:
+        """Raise CertificateError when `spiffe_id` is not of the expected namespace and
+        service account (those given)."""
+        if self.expected_namespace is None and self.expected_service_account is None:
+            return
+        try:
+            _, namespace, account = parse_spiffe_id(spiffe_id)
+        except IdentityError as exc:
+            raise CertificateError(f"certificate issued for {spiffe_id}: {exc}") from None
+        if (self.expected_namespace or namespace, self.expected_service_account or account) == (namespace, account):
+            return
+        expected = f"ns/{self.expected_namespace or '*'}/sa/{self.expected_service_account or '*'}"
+        raise CertificateError(
+            f"certificate issued for {spiffe_id}, but this proxy runs as {expected}: refused. The "
+            "credential it presents (its token file) belongs to another ServiceAccount; mount "
+            "the pod's own projected token")
 
     async def run(self) -> None:
         """Keep a certificate: get one, renew it when due, retry with backoff after a failure;
@@ -183,17 +232,26 @@ class CertificateManager:
             except CertificateError as exc:
                 attempts += 1
                 self.failures += 1
+                delay = self.retry_delay(attempts, exc.retry_after)
                 cert = self._current
                 if cert is not None and cert.valid_at(self.clock()):
-                    log.warning("renewing the certificate failed (%s); the one held is valid %.0fs more",
-                                exc, cert.expires - self.clock())
+                    log.warning("renewing the certificate failed (%s); the one held is valid %.0fs more; "
+                                "retrying in %.1fs", exc, cert.expires - self.clock(), delay)
                 else:
-                    log.error("no valid certificate: %s", exc)
-            # The exponent is capped: 2 ** 1100 no longer converts to a float (hours of outage).
-            await asyncio.sleep(self.rng.uniform(0, min(self.backoff_max, self.backoff_base * 2 ** min(attempts, 30))))
+                    log.error("no valid certificate: %s; retrying in %.1fs", exc, delay)
+            await asyncio.sleep(delay)
 
-    async def _post(self, payload: bytes) -> tuple[int, bytes]:
-        """POST `payload` to the certificates endpoint; return (status, body)."""
+    def retry_delay(self, attempts: int, retry_after: float | None = None) -> float:
+        """Return the wait before attempt `attempts + 1`: full jitter over an exponential
+        backoff, but at least `retry_after` (the control plane's; capped at `backoff_max`)."""
+        # The exponent is capped: 2 ** 1100 no longer converts to a float (hours of outage).
+        delay = self.rng.uniform(0, min(self.backoff_max, self.backoff_base * 2 ** min(attempts, 30)))
+        if retry_after is not None:
+            delay = max(delay, min(retry_after, self.backoff_max))
+        return delay
+
+    async def _post(self, payload: bytes) -> tuple[int, bytes, str | None]:
+        """POST `payload` to the certificates endpoint; return (status, body, Retry-After)."""
         host, port, path = self.target
         authority = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), CONNECT_TIMEOUT)
@@ -209,6 +267,6 @@ class CertificateManager:
                     response.parser.feed_data(data)
                     if len(response.body) > MAX_RESPONSE:
                         raise CertificateError(f"the control plane's answer is over {MAX_RESPONSE} bytes")
-            return response.status or 0, bytes(response.body)
+            return response.status or 0, bytes(response.body), response.retry_after
         finally:
             writer.close()

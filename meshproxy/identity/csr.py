@@ -99,12 +99,3 @@ def certificate_spiffe_id(cert: x509.Certificate) -> str | None:
     except IdentityError:
         return None
     return ids[0]
-
-
-def der_spiffe_id(der: bytes) -> str | None:
-    """Return the workload SPIFFE ID of a DER leaf certificate (as `SSLObject.getpeercert
-    (binary_form=True)` gives it), or None when it has none or cannot be parsed."""
-    try:
-        return certificate_spiffe_id(x509.load_der_x509_certificate(der))
-    except ValueError:
-        return None

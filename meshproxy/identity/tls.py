@@ -3,9 +3,9 @@
 `ssl_contexts` turns a Certificate into the server and client `ssl.SSLContext`s of mutual TLS
 1.3: both sides present their chain and require the other's, verified up to the trust bundle.
 Host names are not checked (`check_hostname=False`): a sidecar's identity is the SPIFFE ID in
-its certificate, which `peer_spiffe_id` reads once the handshake has verified the chain; the
-caller compares it with the identity it expects. A rotation makes new contexts: connections
-made with the old ones keep going, new ones use the new certificate.
+its certificate, which `meshproxy.dataplane.tls.peer_identity` reads once the handshake has
+verified the chain; the caller compares it with the identity it expects. A rotation makes new
+contexts: connections made with the old ones keep going, new ones use the new certificate.
 
 `ssl` loads a certificate and key only from a file. The key is made in memory and should never
 touch a disk, so it is handed over in an anonymous memory file (`memfd_create`, Linux): it has
@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from meshproxy.identity.csr import certificate_spiffe_id, der_spiffe_id, key_pem
+from meshproxy.identity.csr import certificate_spiffe_id, key_pem
 from meshproxy.identity.spiffe import IdentityError
 
 ALPN = ["http/1.1"]
@@ -125,13 +125,3 @@ def ssl_contexts(cert: Certificate) -> tuple[ssl.SSLContext, ssl.SSLContext]:
     client = _context(ssl.PROTOCOL_TLS_CLIENT, cert)
     _load_chain([server, client], cert.chain_pem + cert.key_pem())
     return server, client
-
-
-def peer_spiffe_id(ssl_object: ssl.SSLObject | ssl.SSLSocket | None) -> str | None:
-    """Return the SPIFFE ID of the peer's verified certificate on a TLS connection made with
-    these contexts (`transport.get_extra_info("ssl_object")`), or None when there is no TLS,
-    no peer certificate, or the certificate carries no single workload SPIFFE ID."""
-    if ssl_object is None:
-        return None
-    der = ssl_object.getpeercert(binary_form=True)
-    return der_spiffe_id(der) if der else None

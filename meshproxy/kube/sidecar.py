@@ -194,6 +194,9 @@ def proxy_env(annotations: Mapping[str, Any], labels: Mapping[str, Any],
         _field_env("MESHPROXY_NAMESPACE", "metadata.namespace"),
         _field_env("MESHPROXY_INSTANCE", "metadata.name"),
         _field_env("MESHPROXY_POD_IP", "status.podIP"),
+        # Every address of a dual-stack pod, comma-separated: inbound connections to any
+        # other address are refused.
+        _field_env("MESHPROXY_POD_IPS", "status.podIPs"),
         _field_env("MESHPROXY_SERVICE_ACCOUNT", "spec.serviceAccountName"),
         {"name": "MESHPROXY_CONTROL", "value": options.control_url},
         {"name": "MESHPROXY_TOKEN_FILE", "value": f"{TOKEN_DIR}/token"},

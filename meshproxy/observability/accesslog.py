@@ -1,4 +1,5 @@
-"""The access log (`meshproxy proxy --access-log PATH|-`): one JSON object per line, per request.
+"""The access log (`meshproxy proxy --access-log PATH|-`): one JSON object per line, per request,
+including those the proxy refused before their head was complete (`record_refused`).
 
 Lines are made on the event loop and written by a thread of their own, so that a slow disk
 or a stdout nobody reads never holds up a request:
@@ -95,20 +96,25 @@ _LINE = (b'{"time":"%s","trace_id":"%s","span_id":"%s","parent_span_id":%s,"requ
 
 def format_line(clock: _Clock, strings: dict, wall: float, trace_id: bytes, span_id: bytes,
                 parent_span_id: bytes | None, request_id: bytes | None, direction: str,
-                method: bytes, authority: bytes | None, target: bytes, upstream: str | None,
-                attempts: int, status: int, duration: float, bytes_in: int, bytes_out: int,
-                route: str, service: str, error: str | None) -> bytes:
+                method: bytes, authority: bytes | None, target: bytes | None,
+                upstream: str | None, attempts: int, status: int, duration: float,
+                bytes_in: int, bytes_out: int, route: str, service: str, error: str | None,
+                peer: str | None = None) -> bytes:
     """Return one access-log line (JSON, ending in a newline). `strings`: a _Strings cache;
     `wall`: the request's start, Unix time; the ids are hex and the method a token (as the
-    trace code and the request reader make them: written as they are); `duration` in
-    seconds; `status` 0 when no response was completed."""
-    return _LINE % (
+    trace code and the request reader make them: written as they are); `target` None: no
+    path is known (null); `duration` in seconds; `status` 0 when no response was completed;
+    `peer` (the client's address) is the last field, null when the transport had none."""
+    line = _LINE % (
         clock.format(wall), trace_id, span_id,
         b'"%s"' % parent_span_id if parent_span_id is not None else b"null",
         _text(request_id), strings[direction], method, _text(authority),
-        _text(_path(target)), strings[upstream], attempts, status, duration * 1000.0,
-        bytes_in, bytes_out, strings[route], strings[service], strings[error],
+        _text(_path(target)) if target is not None else b"null", strings[upstream], attempts,
+        status, duration * 1000.0, bytes_in, bytes_out, strings[route], strings[service],
+        strings[error],
     )
+    # Not through `strings`: client addresses are too many to keep.
+    return b'%s,"peer":%s}\n' % (line[:-2], _quote(peer).encode("ascii") if peer is not None else b"null")
 
 
 class AccessLog:
@@ -163,6 +169,16 @@ class AccessLog:
             self.offset = time.time() - now
             self._offset_until = now + 1.0
         self.write(format_line(self.clock, self.strings, start + self.offset, *fields))
+
+    def record_refused(self, start: float, direction: str, peer: str | None, status: int,
+                       duration: float, error: str) -> None:
+        """Log a request the proxy answered before it had a complete head (400 `bad-request`,
+        431 `headers-too-large`, 408 `header-timeout`): `start` the loop time its first
+        bytes came. What is not known is empty (trace ids, method) or null (request id,
+        authority, path, upstream); the service and route are as the metrics label them
+        (`unknown`, `default`); `peer` the client's address."""
+        self.record(start, b"", b"", None, None, direction, b"", None, None, None, 0, status,
+                    duration, 0, 0, "default", "unknown", error, peer)
 
     def write(self, line: bytes) -> None:
         """Queue one line (bytes ending in a newline)."""

@@ -24,7 +24,7 @@ HEX32 = re.compile(r"^[0-9a-f]{32}$")
 HEX16 = re.compile(r"^[0-9a-f]{16}$")
 FIELDS = {"time", "trace_id", "span_id", "parent_span_id", "request_id", "direction", "method",
           "authority", "path", "upstream", "attempts", "status", "duration_ms", "bytes_in",
-          "bytes_out", "route", "service", "error"}
+          "bytes_out", "route", "service", "error", "peer"}
 
 
 @pytest.fixture(scope="module")
@@ -97,6 +97,8 @@ def test_a_request_through_both_sidecars(chain, backend) -> None:
         assert entry["bytes_in"] == 1234 and entry["bytes_out"] == 1234
         assert entry["route"] == "default" and entry["service"] == "web.default"
         assert entry["error"] is None and entry["duration_ms"] >= 0
+        # the caller: the test's client for the outbound proxy, the outbound proxy for the inbound
+        assert re.fullmatch(r"127\.0\.0\.1:\d+", entry["peer"]), entry["peer"]
     assert out["direction"] == "outbound" and inb["direction"] == "inbound"
     assert out["upstream"] == f"127.0.0.1:{inbound.inbound}"
     assert inb["upstream"] == backend.address

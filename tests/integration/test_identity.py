@@ -31,8 +31,9 @@ from prometheus_client import CollectorRegistry, generate_latest
 
 from meshproxy.control.ca_api import add_ca_routes
 from meshproxy.control.kubernetes import make_api_client
+from meshproxy.dataplane.tls import peer_identity
 from meshproxy.identity.ca import CertificateAuthority
-from meshproxy.identity.client import Certificate, CertificateError, CertificateManager, peer_spiffe_id, ssl_contexts
+from meshproxy.identity.client import Certificate, CertificateError, CertificateManager, ssl_contexts
 from meshproxy.identity.csr import make_csr, new_key
 from meshproxy.identity.tokens import BootstrapTokens, TokenReviewer, VerifierUnavailable
 from support.faketokenreview import FakeTokenReviewAPI
@@ -415,7 +416,7 @@ async def exchange(server_ctx: ssl.SSLContext, client_ctx: ssl.SSLContext) -> Ex
     seen: list[str | None] = []
 
     async def handle(reader, writer):
-        peer = peer_spiffe_id(writer.get_extra_info("ssl_object"))
+        peer = peer_identity(writer.get_extra_info("ssl_object"))
         seen.append(peer)
         writer.write((peer or "-").encode() + b"\n")
         await writer.drain()
@@ -431,7 +432,7 @@ async def exchange(server_ctx: ssl.SSLContext, client_ctx: ssl.SSLContext) -> Ex
                 raise ConnectionResetError("the server closed the connection")
             ssl_object = writer.get_extra_info("ssl_object")
             assert line.decode().strip() == (seen[0] or "-")
-            return Exchange(seen[0], peer_spiffe_id(ssl_object), ssl_object.version(),
+            return Exchange(seen[0], peer_identity(ssl_object), ssl_object.version(),
                             ssl_object.selected_alpn_protocol())
         finally:
             writer.close()

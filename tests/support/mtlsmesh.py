@@ -26,9 +26,10 @@ from pathlib import Path
 
 import yaml
 
+from meshproxy.dataplane.tls import peer_identity
 from meshproxy.identity.ca import CertificateAuthority, init_ca
 from meshproxy.identity.csr import make_csr, new_key
-from meshproxy.identity.tls import Certificate, peer_spiffe_id, ssl_contexts
+from meshproxy.identity.tls import Certificate, ssl_contexts
 from meshproxy.identity.tokens import BootstrapTokens
 from support.control import ControlProcess
 from support.proxy import ProxyProcess, wait_for
@@ -200,7 +201,7 @@ def tls_exchange(port: int, context: ssl.SSLContext, payload: bytes, timeout: fl
         return TLSOutcome(False, f"{type(exc).__name__}: {exc}", b"")
     try:
         handshake = True
-        server_id = peer_spiffe_id(sock)
+        server_id = peer_identity(sock)
         sock.sendall(payload)
         while True:
             chunk = sock.recv(65536)

@@ -303,6 +303,7 @@ def test_proxy_identity_from_the_downward_api_and_a_projected_token():
     assert env["MESHPROXY_NAMESPACE"] == field("metadata.namespace")
     assert env["MESHPROXY_INSTANCE"] == field("metadata.name")
     assert env["MESHPROXY_POD_IP"] == field("status.podIP")
+    assert env["MESHPROXY_POD_IPS"] == field("status.podIPs")  # every address of a dual-stack pod
     assert env["MESHPROXY_SERVICE_ACCOUNT"] == field("spec.serviceAccountName")
     assert env["MESHPROXY_SERVICE"] == "web"  # from the app label
     assert env["MESHPROXY_CONTROL"] == "http://meshproxy-control.meshproxy-system.svc:15010"

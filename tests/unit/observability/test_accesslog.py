@@ -19,7 +19,7 @@ FIELDS = dict(
     parent_span_id=None, request_id=b"r-1", direction="outbound", method=b"GET",
     authority=b"web", target=b"/x?y=1", upstream="127.0.0.1:8080", attempts=1, status=200,
     duration=0.0125, bytes_in=3, bytes_out=5, route="default", service="web.default",
-    error=None,
+    error=None, peer="127.0.0.1:40000",
 )
 
 
@@ -38,7 +38,9 @@ def test_line_fields() -> None:
     assert list(entry) == ["time", "trace_id", "span_id", "parent_span_id", "request_id",
                            "direction", "method", "authority", "path", "upstream", "attempts",
                            "status", "duration_ms", "bytes_in", "bytes_out", "route",
-                           "service", "error"]
+                           "service", "error", "peer"]
+    assert entry["peer"] == "127.0.0.1:40000"
+    assert json.loads(line(0.0, peer=None))["peer"] is None
 
 
 def test_absolute_form_target_logs_its_path() -> None:
