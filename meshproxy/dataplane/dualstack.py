@@ -75,7 +75,7 @@ async def start_ipv6(proxy, inbound_resolver, own_ports: set[tuple[str, int]]) -
     inbound with `inbound_resolver`, health) on the same ports, once its IPv4 ones and admin
     servers are running; `own_ports` is the outbound resolver's set of the proxy's own
     addresses. Returns what is listening; raises OSError as `listen_ipv6`."""
-    from meshproxy.dataplane.destinations import OutboundResolver
+    from meshproxy.dataplane.resolvers import OutboundResolver
 
     s = proxy.settings
     binds = []

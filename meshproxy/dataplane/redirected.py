@@ -29,9 +29,9 @@ from meshproxy.config.model.mesh import REGISTRY_ONLY, join_host_port
 from meshproxy.dataplane.destinations import (
     IDLE_TO_APP,
     EndpointRuntime,
-    OutboundResolver,
     ServiceRuntime,
 )
+from meshproxy.dataplane.resolvers import OutboundResolver
 from meshproxy.dataplane.loopback import IPV4_LOOPBACK, app_loopback
 from meshproxy.dataplane.upstream import ConnectionPool
 from meshproxy.http1.errors import UnknownDestination

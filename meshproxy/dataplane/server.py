@@ -19,10 +19,9 @@ from meshproxy.dataplane.destinations import (
     IDLE_TO_APP,
     Destinations,
     EndpointRuntime,
-    InboundResolver,
-    OutboundResolver,
     ServiceRuntime,
 )
+from meshproxy.dataplane.resolvers import InboundResolver, OutboundResolver
 from meshproxy.dataplane.listener import CLIENT_IDLE_TIMEOUT, HEADER_TIMEOUT, Listener
 from meshproxy.dataplane.upstream import ConnectionPool
 from meshproxy.observability.accesslog import AccessLog

@@ -12,7 +12,8 @@ import pytest
 from meshproxy.config.loader import load_text
 from meshproxy.config.model.common import ObjectMeta
 from meshproxy.config.model.policy import AuthorizationPolicy, AuthzOperation, AuthzRule, AuthzSource
-from meshproxy.dataplane.destinations import Destinations, OutboundResolver
+from meshproxy.dataplane.destinations import Destinations
+from meshproxy.dataplane.resolvers import OutboundResolver
 from meshproxy.dataplane.tls import TLSState
 from meshproxy.dataplane.redirected import OriginalDestinations, TransparentOutboundResolver, tcp_allowed
 from meshproxy.dataplane.transparent import original_of
