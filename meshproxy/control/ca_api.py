@@ -11,9 +11,11 @@
 
 Every error answer is JSON `{"error": "..."}`. The credential is checked before the CSR is
 read, so a caller without one learns nothing about what the CA would accept. Answers are
-counted in `meshproxy_control_certificates_total{result}`, and whether the CA is loaded is
-`meshproxy_control_ca_ready` (1 or 0): register the returned CertificateCounts in the
-application's metrics registry.
+counted in `meshproxy_control_certificates_total{result}`, whether the CA is loaded is
+`meshproxy_control_ca_ready` (1 or 0), and once it is, when its issuer and trust anchor end is
+`meshproxy_control_issuer_expiry_timestamp_seconds` and
+`meshproxy_control_trust_anchor_expiry_timestamp_seconds`: register the returned
+CertificateCounts in the application's metrics registry.
 
 In a cluster the CA comes from a Secret that may not be readable yet (RBAC, an API server that
 is down): the routes then take a `CASlot`, which the set-up fills in later, and answer 503
@@ -65,8 +67,16 @@ class CertificateCounts:
         for result, value in self.counts.items():
             family.add_metric([result], value)
         yield family
+        ca = self.slot.ca
         yield GaugeMetricFamily("meshproxy_control_ca_ready", "1 once the CA is loaded and signs certificates",
-                                value=1 if self.slot.ca is not None else 0)
+                                value=1 if ca is not None else 0)
+        # Read from the CA in force at scrape time, so a renewed issuer shows at once.
+        if ca is not None:
+            yield GaugeMetricFamily("meshproxy_control_issuer_expiry_timestamp_seconds",
+                                    "When the issuer that signs certificates ends (unix seconds)",
+                                    value=ca.issuer_expires)
+            yield GaugeMetricFamily("meshproxy_control_trust_anchor_expiry_timestamp_seconds",
+                                    "When the trust anchor (root) ends (unix seconds)", value=ca.root_expires)
 
 
 def _error(status: int, message: str, **headers: str) -> web.Response:

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import sys
+import time
 
 from aiohttp import web
 
@@ -18,6 +20,8 @@ from meshproxy.control.plane import ControlPlane
 
 log = logging.getLogger("meshproxy.control")
 DEFAULT_LISTEN = ("127.0.0.1", 15010)
+CA_RELOAD_EVERY = 10.0  # seconds between looks at the --ca-dir files (three stat calls)
+DUE_WARNING_EVERY = 86400.0  # an issuer due for renewal, or a trust anchor near its end, is said this often
 
 
 def parse_listen(value: str) -> tuple[str, int]:
@@ -58,20 +62,23 @@ def _cluster_ca(api_client, trust_domain: str, verifiers: list, *, recheck_every
     """Return (a CASlot the certificate endpoints sign from, a function that starts the
     coroutine that fills it).
 
-    The coroutine reads or creates the CA Secret, then keeps the webhook's certificate and
-    caBundle current (meshproxy.kube.bootstrap.maintain); the TokenReview check joins
-    `verifiers` once the CA, and with it the trust domain it signs for, is known."""
-    import os
+    The coroutine reads or creates the CA Secret, then keeps its issuer, the webhook's
+    certificate and caBundle current (meshproxy.kube.maintain.maintain), putting each issuer
+    newly in force in the slot; the TokenReview check joins `verifiers` once the CA, and with
+    it the trust domain it signs for, is known."""
     import random
 
     from meshproxy.control.ca_api import CASlot
     from meshproxy.identity.tokens import TokenReviewer
-    from meshproxy.kube.bootstrap import Names, maintain
+    from meshproxy.kube.bootstrap import Names
+    from meshproxy.kube.maintain import maintain
 
     slot = CASlot(problem="the CA Secret has not been read yet")
 
     def loaded(ca) -> None:
-        verifiers.append(TokenReviewer(api_client, ca.trust_domain).verify)
+        # Called again with each renewed issuer (same root, same trust domain): one verifier.
+        if slot.ca is None:
+            verifiers.append(TokenReviewer(api_client, ca.trust_domain).verify)
         slot.ca = ca  # last: a request that sees the CA also finds the verifier
 
     def problem(text: str) -> None:
@@ -81,6 +88,90 @@ def _cluster_ca(api_client, trust_domain: str, verifiers: list, *, recheck_every
     return slot, lambda: maintain(api_client, trust_domain=trust_domain, names=names, on_ca=loaded,
                                   on_problem=problem, rng=random.Random(), recheck_every=recheck_every,
                                   backoff_max=backoff_max)
+
+
+class CAFolder:
+    """The CA of a `--ca-dir` folder, kept in `slot`: loaded again when its files change (as
+    `meshproxy ca renew-issuer` changes them), and a warning once a day while the issuer is due
+    for renewal, an error while the trust anchor nears its end. The control plane never writes
+    into an operator's folder: renewing is the operator's command to run."""
+
+    FILES = ("root.crt", "issuer.crt", "issuer.key")
+
+    def __init__(self, folder: str, slot, *, clock=time.time) -> None:
+        self.folder = folder
+        self.slot = slot
+        self.clock = clock
+        self._stamp = self._files()
+        self._warned_at: float | None = None
+
+    def _files(self) -> tuple[int, ...] | None:
+        # The inode too: renew-issuer renames new files into place.
+        try:
+            stats = [os.stat(os.path.join(self.folder, name)) for name in self.FILES]
+        except OSError:
+            return None
+        return tuple(x for st in stats for x in (st.st_mtime_ns, st.st_ino, st.st_size))
+
+    def check(self) -> bool:
+        """Load the CA again when its files changed since the last load, then warn when due;
+        return True when a new CA is in force. A folder that does not load (a pair caught
+        between two renames, a file missing) is logged and the CA in use stays."""
+        from meshproxy.identity.ca import CertificateAuthority, describe
+        from meshproxy.identity.spiffe import IdentityError
+
+        changed = False
+        stamp = self._files()
+        if stamp is not None and stamp != self._stamp:
+            self._stamp = stamp
+            old = self.slot.ca
+            try:
+                ca = CertificateAuthority.load(self.folder, clock=old.clock)
+            except (IdentityError, OSError) as exc:
+                # Said once per change: the stamp is kept, so a folder caught between the two
+                # renames of renew-issuer is loaded again once the second one changes it.
+                log.warning("cannot load the CA in %s again (%s); keeping issuer %s", self.folder, exc,
+                            describe(old.issuer))
+                ca = old
+            if ca.trust_domain != old.trust_domain:
+                log.error("the CA in %s is for trust domain %s, not %s: keeping the one in use; restart the "
+                          "control plane to change trust domain", self.folder, ca.trust_domain, old.trust_domain)
+            elif ca.issuer != old.issuer or ca.root != old.root:
+                if ca.root != old.root:
+                    log.warning("the trust anchor in %s changed (%s): proxies that hold the old one refuse "
+                                "certificates of the new one until they renew theirs", self.folder, describe(ca.root))
+                self.slot.ca = ca
+                self._warned_at = None
+                changed = True
+                log.info("the issuer in force is now %s (from %s; was %s)", describe(ca.issuer), self.folder,
+                         describe(old.issuer))
+        self._warn_when_due()
+        return changed
+
+    def _warn_when_due(self) -> None:
+        from meshproxy.identity.ca import issuer_renewal_due, trust_anchor_ending
+
+        ca, now = self.slot.ca, self.clock()
+        if self._warned_at is not None and now - self._warned_at < DUE_WARNING_EVERY:
+            return
+        ending = trust_anchor_ending(ca.root, now)
+        due = issuer_renewal_due(ca.root, ca.issuer, now)
+        if ending:
+            log.error("the trust anchor %s/root.crt ends on %s: make a new one and give it to every proxy "
+                      "(see docs/security.md); issuers made from it end with it", self.folder,
+                      time.strftime("%Y-%m-%d", time.gmtime(ca.root_expires)))
+        if due:
+            log.warning("the issuer in %s ends on %s: run `meshproxy ca renew-issuer --dir %s` (the control "
+                        "plane loads the new one by itself)", self.folder,
+                        time.strftime("%Y-%m-%d", time.gmtime(ca.issuer_expires)), self.folder)
+        if ending or due:
+            self._warned_at = now
+
+    async def follow(self, interval: float = CA_RELOAD_EVERY) -> None:
+        """Check the folder every `interval` seconds until cancelled."""
+        while True:
+            await asyncio.sleep(interval)
+            self.check()
 
 
 def _log_failure(task: asyncio.Task) -> None:
@@ -104,13 +195,14 @@ async def serve_control(paths: list[str], listen: str | None = None, *, kubernet
                         kubeconfig: str | None = None, stop: asyncio.Event | None = None,
                         ca_dir: str | None = None, tokens_dir: str | None = None,
                         cert_lifetime: float = 86_400.0, webhook_recheck_every: float | None = None,
-                        ca_retry_max: float | None = None) -> int:
+                        ca_retry_max: float | None = None, ca_reload_every: float = CA_RELOAD_EVERY) -> int:
     """Run the control plane until SIGTERM/SIGINT (or `stop` is set); return the exit code:
     0, or 1 when the configuration given at start is invalid.
 
     In a cluster without `ca_dir`: `webhook_recheck_every` is how often the webhook's
-    certificate and caBundle are checked, `ca_retry_max` the longest wait between two attempts
-    at the CA (defaults: meshproxy.kube.bootstrap's)."""
+    certificate and caBundle (and the CA Secret's issuer) are checked, `ca_retry_max` the
+    longest wait between two attempts at the CA (defaults: meshproxy.kube.maintain's). With
+    `ca_dir`: its files are looked at every `ca_reload_every` seconds (CAFolder)."""
     plane = ControlPlane()
     ca, verifiers, review_client = None, [], None
     background = []
@@ -120,18 +212,24 @@ async def serve_control(paths: list[str], listen: str | None = None, *, kubernet
         # installation. It is set up in the background: configuration is served meanwhile, and
         # certificate requests are answered 503 until the CA is there.
         from meshproxy.control.kubernetes import make_api_client
-        from meshproxy.kube import bootstrap
+        from meshproxy.kube import maintain
 
         review_client = await make_api_client(kubeconfig)
         ca, setup = _cluster_ca(review_client, _trust_domain(paths), verifiers,
-                                recheck_every=webhook_recheck_every or bootstrap.RECHECK_EVERY,
-                                backoff_max=ca_retry_max or bootstrap.BACKOFF_MAX)
+                                recheck_every=webhook_recheck_every or maintain.RECHECK_EVERY,
+                                backoff_max=ca_retry_max or maintain.BACKOFF_MAX)
         background.append(("the CA and webhook certificate set-up", setup))
     if ca_dir is not None:
-        from meshproxy.identity.ca import CertificateAuthority
+        from meshproxy.control.ca_api import CASlot
+        from meshproxy.identity.ca import CertificateAuthority, describe
         from meshproxy.identity.tokens import BootstrapTokens, TokenReviewer
 
         ca = CertificateAuthority.load(ca_dir)
+        log.info("the CA in %s is in force: trust domain %s, issuer %s", ca_dir, ca.trust_domain,
+                 describe(ca.issuer))
+        folder = CAFolder(ca_dir, CASlot(ca))
+        folder.check()  # the warnings, at once
+        background.append(("following the CA files", lambda: folder.follow(ca_reload_every)))
         if tokens_dir is not None:
             verifiers.append(BootstrapTokens.load(tokens_dir, ca.trust_domain).verify)
         if kubernetes:
@@ -139,6 +237,7 @@ async def serve_control(paths: list[str], listen: str | None = None, *, kubernet
 
             review_client = await make_api_client(kubeconfig)
             verifiers.append(TokenReviewer(review_client, ca.trust_domain).verify)
+        ca = folder.slot
     watcher = ConfigWatcher(paths) if paths else None
     mesh: Mesh | None = None
     if watcher is not None:

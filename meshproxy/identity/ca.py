@@ -6,6 +6,12 @@ proxy is given) and an intermediate issuer (1 year) that signs the 24 h workload
 The issuer key is the one in daily use on the control plane; the root key is only needed to
 make a new issuer, so a new issuer can be made without changing the trust bundle.
 
+The issuer is renewed (`issuer_renewal_due`, `new_issuer`) once two thirds of its life have
+passed: a new key and certificate under the same root, so proxies, whose trust bundle is the
+root and who get the issuer in the chain with every certificate, notice nothing. An issuer never
+outlives its root; a root within ISSUER_LIFETIME of its end (`trust_anchor_ending`) can only
+make shortened issuers, and replacing it is an operator's task (docs/security.md).
+
 A workload certificate's only identity is the URI SAN the caller names, the identity its
 credential proves (spec §5: "for the identity that the credential proves and no other"). What
 the CSR asks for is never copied: a CSR that asks for another identity is refused, so a
@@ -61,6 +67,11 @@ DEFAULT_LIFETIME = 24 * 3600.0
 MIN_LIFETIME = 5.0  # certificate times have one-second resolution; less would be mostly rounding
 CLOCK_SKEW = 60.0  # NotBefore is set this far back, so a peer whose clock is behind accepts it
 ROOT_CERT, ROOT_KEY, ISSUER_CERT, ISSUER_KEY = "root.crt", "root.key", "issuer.crt", "issuer.key"
+# An issuer is renewed once this fraction of its lifetime has passed (cert-manager's default
+# too). A fraction rather than a fixed time before the end: it suits an issuer of any lifetime
+# an operator brings, and for the 1-year issuer it leaves four months, long enough for a
+# person to act on the daily warning and the alert when the renewal is theirs (`--ca-dir`).
+ISSUER_RENEW_AT = 2 / 3
 
 
 @dataclass(frozen=True)
@@ -162,6 +173,72 @@ def init_ca(folder: str | os.PathLike, trust_domain: str, *, clock: Clock = time
     _write(folder / ISSUER_CERT, _pem(issuer), 0o644)
 
 
+def _span(cert: x509.Certificate) -> tuple[float, float]:
+    return cert.not_valid_before_utc.timestamp(), cert.not_valid_after_utc.timestamp()
+
+
+def issuer_renewal_due(root: x509.Certificate, issuer: x509.Certificate, now: float) -> bool:
+    """True when `issuer` should give way to a new one from `root`: ISSUER_RENEW_AT of its
+    lifetime has passed (or all of it), and a new issuer would end later than it does. One
+    that already ends with the root cannot be bettered: then `trust_anchor_ending` is the news."""
+    start, end = _span(issuer)
+    if end >= _span(root)[1] - 1:
+        return False
+    return now >= start + (end - start) * ISSUER_RENEW_AT
+
+
+def issuer_renewal_time(issuer: x509.Certificate) -> float:
+    """Return the unix time at which `issuer` becomes due for renewal (ISSUER_RENEW_AT)."""
+    start, end = _span(issuer)
+    return start + (end - start) * ISSUER_RENEW_AT
+
+
+def trust_anchor_ending(root: x509.Certificate, now: float) -> bool:
+    """True when `root` has less than ISSUER_LIFETIME left: issuers made from it are cut short
+    and it must be replaced, which every proxy has to learn of (an operator's task)."""
+    return _span(root)[1] - now < ISSUER_LIFETIME
+
+
+def new_issuer(root: x509.Certificate, root_key: ec.EllipticCurvePrivateKey,
+               now: float) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    """Return a new issuer certificate and its new key, signed by `root`: the subject and trust
+    domain of the issuer `init_ca` makes, valid from a minute ago for ISSUER_LIFETIME but never
+    beyond the root (a certificate cannot outlive the one that signed it).
+
+    Raises IdentityError when `root_key` is not the root's key, the root names no trust domain,
+    or the root ends within DEFAULT_LIFETIME (an issuer then would be of no use)."""
+    if not isinstance(root_key, ec.EllipticCurvePrivateKey) or (
+            root_key.public_key().public_numbers() != root.public_key().public_numbers()):
+        raise IdentityError("the root key does not belong to the root certificate")
+    trust_domain = _trust_domain_of(root)
+    root_start, root_end = _span(root)
+    if root_end - now < DEFAULT_LIFETIME:
+        raise IdentityError(f"the trust anchor ends on {_time(root_end).isoformat()}: it must be replaced, "
+                            "a new issuer under it would be of no use")
+    key = new_key()
+    issuer = _ca_certificate(_name(f"meshproxy issuer {trust_domain}"), key, root, root_key, trust_domain,
+                             path_length=0, not_before=max(now - CLOCK_SKEW, root_start),
+                             not_after=min(now + ISSUER_LIFETIME, root_end))
+    return issuer, key
+
+
+def renew_issuer_pem(root_pem: bytes, root_key_pem: bytes, now: float) -> tuple[bytes, bytes]:
+    """Return (issuer certificate PEM, issuer key PEM) of a `new_issuer` for the root in these
+    PEM documents. Raises IdentityError when they do not parse, or as `new_issuer` does."""
+    try:
+        root = x509.load_pem_x509_certificate(root_pem)
+        root_key = serialization.load_pem_private_key(root_key_pem, password=None)
+    except (ValueError, TypeError) as exc:
+        raise IdentityError(f"unreadable root certificate or key: {exc}") from None
+    issuer, key = new_issuer(root, root_key, now)
+    return _pem(issuer), key_pem(key)
+
+
+def describe(cert: x509.Certificate) -> str:
+    """Return how logs name a CA certificate: its serial number and the end of its validity."""
+    return f"serial {cert.serial_number:x}, until {cert.not_valid_after_utc:%Y-%m-%d %H:%M:%SZ}"
+
+
 class CertificateAuthority:
     """Signs workload certificates with an issuer under a root. Build it with `load`,
     `from_pem` or `in_memory`."""
@@ -228,6 +305,11 @@ class CertificateAuthority:
     def issuer_expires(self) -> float:
         """Unix time at which the issuer stops being valid (no leaf outlives it)."""
         return self.issuer.not_valid_after_utc.timestamp()
+
+    @property
+    def root_expires(self) -> float:
+        """Unix time at which the trust anchor stops being valid."""
+        return self.root.not_valid_after_utc.timestamp()
 
     def trust_bundle(self) -> bytes:
         """Return the trust anchor (root certificate) as PEM: what a peer's chain must lead to."""

@@ -1,11 +1,23 @@
-"""`meshproxy ca`: make a trust anchor and issuer (`init`), show the trust bundle (`bundle`)."""
+"""`meshproxy ca`: make a trust anchor and issuer (`init`), show the trust bundle (`bundle`),
+make a new issuer under the same root (`renew-issuer`).
+
+`renew-issuer` replaces issuer.crt and issuer.key in the folder and keeps the pair it replaced
+as issuer.crt.old and issuer.key.old (same modes), so an operator can roll back by renaming
+them over the new ones. Each file is written under a temporary name and renamed into place, so
+a reader sees the old file or the new one, never half of one; a control plane with `--ca-dir`
+that looks between the two renames sees a key that does not match its certificate, keeps the
+issuer it has and looks again.
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import tempfile
 import time
 from datetime import datetime, timezone
+from pathlib import Path
 
 from meshproxy.identity.spiffe import DEFAULT_TRUST_DOMAIN, IdentityError
 
@@ -35,12 +47,99 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         "verifies its peers against.",
     )
     bundle.add_argument("--dir", required=True, metavar="DIR", help="folder holding the CA")
+    renew = sub.add_parser(
+        "renew-issuer",
+        help="make a new issuer under the same root",
+        description="Make a new issuer key and certificate (1 year, never beyond the root) signed by "
+        "the root in DIR (root.crt and root.key), and put them in place of issuer.crt and issuer.key. "
+        "The pair replaced is kept as issuer.crt.old and issuer.key.old: to roll back, rename them "
+        "over the new ones. The trust bundle does not change; a control plane with --ca-dir DIR "
+        "signs with the new issuer within seconds.",
+    )
+    renew.add_argument("--dir", required=True, metavar="DIR", help="folder holding the CA")
+    renew.add_argument("--if-due", action="store_true",
+                       help="only when the issuer has passed two thirds of its lifetime (for a daily cron job)")
     p.set_defaults(ca_parser=p)
     return p
 
 
 def _date(seconds: float) -> str:
     return datetime.fromtimestamp(seconds, timezone.utc).strftime("%Y-%m-%d %H:%M:%SZ")
+
+
+def _replace(folder: Path, name: str, data: bytes, mode: int) -> None:
+    """Write `data` to folder/name with `mode` by renaming a finished file into place."""
+    # mkstemp creates the file 0600 whatever the umask; fchmod then gives the mode wanted.
+    fd, temporary = tempfile.mkstemp(prefix=f".{name}.", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), mode)
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temporary, folder / name)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def renew_issuer_files(folder: str | os.PathLike, *, clock=time.time):
+    """Make a new issuer from root.crt and root.key in `folder` and put it in place of
+    issuer.crt/issuer.key, keeping the pair replaced as issuer.crt.old/issuer.key.old; return
+    the CA the folder now holds. The folder is narrowed to 0700 as `init` leaves it.
+
+    Raises IdentityError when the folder has no root or root key, the key is not the root's, or
+    the root is about to end; OSError when the folder cannot be read or written."""
+    from meshproxy.identity.ca import ISSUER_CERT, ISSUER_KEY, ROOT_CERT, ROOT_KEY, CertificateAuthority, \
+        renew_issuer_pem
+    from meshproxy.identity.spiffe import IdentityError
+
+    folder = Path(folder)
+    try:
+        root_pem, root_key_pem = (folder / ROOT_CERT).read_bytes(), (folder / ROOT_KEY).read_bytes()
+    except FileNotFoundError as exc:
+        raise IdentityError(f"{folder} has no {Path(exc.filename).name}: a new issuer is made with the root's "
+                            "certificate and key") from None
+    issuer_pem, key_pem = renew_issuer_pem(root_pem, root_key_pem, clock())
+    os.chmod(folder, 0o700)
+    # The rollback copies first: once the new pair is in place the old one is nowhere else.
+    for name, mode in ((ISSUER_KEY, 0o600), (ISSUER_CERT, 0o644)):
+        if (folder / name).exists():
+            _replace(folder, name + ".old", (folder / name).read_bytes(), mode)
+    _replace(folder, ISSUER_KEY, key_pem, 0o600)
+    _replace(folder, ISSUER_CERT, issuer_pem, 0o644)
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)  # the renames themselves survive a crash
+    finally:
+        os.close(fd)
+    return CertificateAuthority.load(folder, clock=clock)
+
+
+def _renew(args: argparse.Namespace, out, err) -> int:
+    from meshproxy.identity.ca import (
+        ISSUER_CERT,
+        CertificateAuthority,
+        describe,
+        issuer_renewal_due,
+        issuer_renewal_time,
+        trust_anchor_ending,
+    )
+
+    now = time.time()
+    if args.if_due:
+        ca = CertificateAuthority.load(args.dir)
+        if not issuer_renewal_due(ca.root, ca.issuer, now):
+            print(f"meshproxy ca: the issuer in {args.dir} ({describe(ca.issuer)}) is not due for renewal "
+                  f"before {_date(issuer_renewal_time(ca.issuer))}; nothing written", file=out)
+            return 0
+    ca = renew_issuer_files(args.dir)
+    print(f"meshproxy ca: new issuer {args.dir}/{ISSUER_CERT} ({describe(ca.issuer)}); the previous pair "
+          f"is kept as {ISSUER_CERT}.old and issuer.key.old", file=out)
+    if trust_anchor_ending(ca.root, now):
+        print(f"meshproxy ca: the trust anchor {args.dir}/root.crt ends on {_date(ca.root_expires)}, so this "
+              "issuer ends with it: replace the trust anchor (see docs/security.md)", file=err)
+    return 0
 
 
 def run(args: argparse.Namespace, out=None, err=None) -> int:
@@ -64,6 +163,8 @@ def run(args: argparse.Namespace, out=None, err=None) -> int:
         if command == "bundle":
             out.write(CertificateAuthority.load(args.dir).trust_bundle().decode())
             return 0
+        if command == "renew-issuer":
+            return _renew(args, out, err)
     except IdentityError as exc:
         print(f"meshproxy ca {command}: {exc}", file=err)
         return 1

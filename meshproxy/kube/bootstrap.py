@@ -3,10 +3,15 @@
 
 1. the Secret `meshproxy-ca` (trust anchor and issuer, the files `meshproxy ca init` writes),
    unless it exists: an existing CA is used as it is, never replaced, and one that cannot be
-   read is an error (replacing it would cut every proxy off from every other);
+   read is an error (replacing it would cut every proxy off from every other). Only its issuer
+   is ever renewed (`ensure_issuer`): a new one from the same root once the old one is due
+   (meshproxy.identity.ca.issuer_renewal_due), which changes nothing for the proxies;
 2. the Secret `meshproxy-webhook-tls` (kubernetes.io/tls): the webhook's serving certificate,
-   signed by that CA, made again when it is missing, from another CA, for other names, or
-   within `RENEW_BEFORE` of its end;
+   signed by the issuer in force, made again when it is missing, from another issuer (of
+   another CA, or the one a renewal replaced), for other names, or within `RENEW_BEFORE` of its
+   end. A certificate from the replaced issuer would stay valid (same root), but it is made
+   again at once: it then gets a full lifetime instead of ending with the old issuer, and
+   nothing keeps depending on a key that was retired, perhaps because it leaked;
 3. the trust anchor as `caBundle` of the MutatingWebhookConfiguration's webhooks that call the
    webhook Service (a configuration not installed is logged and skipped).
 
@@ -15,20 +20,13 @@ races end in 409 Conflict for all but one, which then read what the winner wrote
 the resourceVersion they were based on, so the loser of a race reads again instead of writing
 over the winner.
 
-`maintain` is how the control plane runs them: in the background, so that configuration is
-served while the CA cannot be had yet (an RBAC rule missing, the API server down); step 1 until
-it works, then steps 2 and 3 at once and again every `RECHECK_EVERY` (so a control plane that
-runs for a year renews the webhook's certificate before it ends). Failures are retried with
-backoff and logged, the same complaint at most once a minute.
+The control plane runs them in the background and again every 12 hours: kube/maintain.py.
 """
 
 from __future__ import annotations
 
-import asyncio
 import base64
-import json
 import logging
-import random
 import time
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -44,6 +42,10 @@ from meshproxy.identity.ca import (
     ROOT_KEY,
     CertificateAuthority,
     _make_ca,
+    describe,
+    issuer_renewal_due,
+    renew_issuer_pem,
+    trust_anchor_ending,
 )
 from meshproxy.identity.csr import key_pem
 from meshproxy.identity.spiffe import IdentityError
@@ -58,13 +60,6 @@ WEBHOOK_CONFIGURATION = "meshproxy-injector"
 SYSTEM_NAMESPACE = "meshproxy-system"
 RENEW_BEFORE = 30 * 86400.0  # a serving certificate this close to its end is made anew
 _ATTEMPTS = 5  # conflicts in a row before giving up (each one means another replica wrote)
-# Steps 2 and 3 again this often (each ±RECHECK_JITTER, so replicas do not keep in step): two
-# reads when nothing is due; far inside RENEW_BEFORE, so a certificate is renewed in time.
-RECHECK_EVERY = 12 * 3600.0
-RECHECK_JITTER = 0.1
-BACKOFF_BASE = 0.5
-BACKOFF_MAX = 30.0
-REPEAT_COMPLAINT_AFTER = 60.0  # seconds before the same failure is logged again
 
 
 @dataclass(frozen=True)
@@ -146,6 +141,62 @@ async def ensure_ca(core: Any, names: Names, trust_domain: str, clock: Callable[
                 raise
             log.info("another replica created Secret %s/%s first; using it", names.namespace, names.ca_secret)
     raise IdentityError(f"Secret {names.namespace}/{names.ca_secret} keeps changing; giving up for now")
+
+
+async def ensure_issuer(core: Any, names: Names, in_use: CertificateAuthority,
+                        clock: Callable[[], float]) -> CertificateAuthority:
+    """Return the CA the Secret holds now (`in_use` itself when that is the same), after
+    replacing its issuer with a new one from its root when the issuer is due. Replaced with the
+    resourceVersion read: when another replica wrote first, its issuer is read and used.
+
+    A due issuer that cannot be renewed (the Secret has no root.key) and a trust anchor near
+    its end are logged as errors; the CA is returned as it is. Raises IdentityError when the
+    Secret is gone, unusable or of another trust domain (the CA in use is then kept),
+    ApiException for API errors other than a lost race."""
+    where = f"Secret {names.namespace}/{names.ca_secret}"
+    for _ in range(_ATTEMPTS):
+        secret = await _read(core.read_namespaced_secret, names.ca_secret, names.namespace)
+        if secret is None:
+            raise IdentityError(f"{where} is gone; the issuer in use ({describe(in_use.issuer)}) stays")
+        data = _data(secret)
+        missing = [k for k in (ROOT_CERT, ISSUER_CERT, ISSUER_KEY) if k not in data]
+        if missing:
+            raise IdentityError(f"{where} has no {', '.join(missing)}; the issuer in use stays")
+        ca = CertificateAuthority.from_pem(data[ROOT_CERT], data[ISSUER_CERT], data[ISSUER_KEY], clock=clock)
+        if ca.trust_domain != in_use.trust_domain:
+            raise IdentityError(f"{where} now holds a CA of trust domain {ca.trust_domain}, not "
+                                f"{in_use.trust_domain}: restart the control plane to change trust domain")
+        if (ca.root, ca.issuer) == (in_use.root, in_use.issuer):
+            ca = in_use
+        elif ca.root != in_use.root:
+            log.warning("the trust anchor in %s changed (%s): proxies that hold the old one refuse certificates "
+                        "of the new one until they renew theirs", where, describe(ca.root))
+        now = clock()
+        if trust_anchor_ending(ca.root, now):
+            log.error("the trust anchor in %s ends on %s: replace it (see docs/security.md); issuers made from it "
+                      "end with it", where, time.strftime("%Y-%m-%d", time.gmtime(ca.root_expires)))
+        if not issuer_renewal_due(ca.root, ca.issuer, now):
+            return ca
+        if ROOT_KEY not in data:
+            log.error("the issuer in %s (%s) is due for renewal, but the Secret has no root.key to make a new "
+                      "one: add it, or put a new issuer.crt and issuer.key there yourself", where,
+                      describe(ca.issuer))
+            return ca
+        issuer_pem, issuer_key_pem = renew_issuer_pem(data[ROOT_CERT], data[ROOT_KEY], now)
+        # The object as read, only the two keys changed: whatever else an operator put on the
+        # Secret stays, and its resourceVersion makes the write fail if anyone wrote meanwhile.
+        secret.data = {**secret.data, ISSUER_CERT: _b64(issuer_pem), ISSUER_KEY: _b64(issuer_key_pem)}
+        try:
+            await core.replace_namespaced_secret(names.ca_secret, names.namespace, secret)
+        except Exception as exc:
+            if not _conflict(exc):
+                raise
+            log.info("another replica changed %s first; reading it again", where)
+            continue
+        renewed = CertificateAuthority.from_pem(data[ROOT_CERT], issuer_pem, issuer_key_pem, clock=clock)
+        log.info("renewed the issuer in %s: %s (was %s)", where, describe(renewed.issuer), describe(ca.issuer))
+        return renewed
+    raise IdentityError(f"{where} keeps changing; giving up for now")
 
 
 def serving_certificate_current(data: dict[str, bytes], ca: CertificateAuthority, dns_names: list[str],
@@ -231,111 +282,15 @@ async def ensure_ca_bundle(admission: Any, ca: CertificateAuthority, names: Name
 
 async def bootstrap(api_client: Any, *, trust_domain: str, names: Names = Names(),
                     clock: Callable[[], float] = time.time) -> CertificateAuthority:
-    """Run the three steps of this module's docstring; return the mesh's CA.
+    """Run the three steps of this module's docstring (the issuer renewed when due); return the
+    mesh's CA.
 
     Raises IdentityError when the CA Secret is unusable, ApiException when the API server
     refuses (RBAC) or fails; the caller retries with backoff."""
     from kubernetes_asyncio import client
 
     core = client.CoreV1Api(api_client)
-    ca = await ensure_ca(core, names, trust_domain, clock)
+    ca = await ensure_issuer(core, names, await ensure_ca(core, names, trust_domain, clock), clock)
     await ensure_webhook_certificate(core, ca, names)
     await ensure_ca_bundle(client.AdmissionregistrationV1Api(api_client), ca, names)
     return ca
-
-
-def describe_failure(exc: BaseException) -> str:
-    """A one-line account of why a step failed: the API server's message for an API error
-    (with a hint for 403, which means an RBAC grant is missing), else the exception."""
-    from kubernetes_asyncio.client.exceptions import ApiException
-
-    if not isinstance(exc, ApiException):
-        return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-    message = ""
-    try:
-        status = json.loads(exc.body) if exc.body else None
-        message = status.get("message", "") if isinstance(status, dict) else ""
-    except (ValueError, TypeError):
-        pass
-    text = f"HTTP {exc.status} {(exc.reason or '').strip()}" + (f": {message}" if message else "")
-    if exc.status == 403:
-        text += " (the control plane's ServiceAccount lacks an RBAC grant: see deploy/rbac.yaml)"
-    return text
-
-
-class _Complaints:
-    """Logs failures, the same one at most once per `every` seconds (a missing RBAC grant
-    fails the same way on every retry until someone fixes it)."""
-
-    def __init__(self, clock: Callable[[], float], every: float) -> None:
-        self.clock = clock
-        self.every = every
-        self._last: tuple[str, float] | None = None
-
-    def __call__(self, text: str, retry_in: float) -> None:
-        now = self.clock()
-        if self._last is not None and self._last[0] == text and now - self._last[1] < self.every:
-            log.debug("%s; retrying in %.1fs", text, retry_in)
-            return
-        self._last = (text, now)
-        log.warning("%s; retrying in %.1fs", text, retry_in)
-
-    def resolved(self, what: str) -> None:
-        if self._last is not None:
-            log.info("%s now works", what)
-        self._last = None
-
-
-async def maintain(api_client: Any, *, trust_domain: str, on_ca: Callable[[CertificateAuthority], None],
-                   on_problem: Callable[[str], None] | None = None, names: Names = Names(),
-                   rng: random.Random | None = None, clock: Callable[[], float] = time.time,
-                   recheck_every: float = RECHECK_EVERY, backoff_base: float = BACKOFF_BASE,
-                   backoff_max: float = BACKOFF_MAX) -> None:
-    """Run the module's steps for as long as the control plane runs (cancel to stop; it never
-    returns otherwise): read or create the CA until that works and hand it to `on_ca` (until
-    then each failure goes to `on_problem`, for the certificate endpoint to tell callers);
-    then keep the webhook's certificate and caBundle current, every `recheck_every` seconds
-    (±10%, from `rng`). Failures are retried with capped, fully jittered exponential backoff."""
-    from kubernetes_asyncio import client
-
-    rng = rng or random.Random()
-    core = client.CoreV1Api(api_client)
-    admission = client.AdmissionregistrationV1Api(api_client)
-    ca_secret = f"Secret {names.namespace}/{names.ca_secret}"
-    complain = _Complaints(time.monotonic, REPEAT_COMPLAINT_AFTER)
-
-    def backoff(failures: int) -> float:
-        return rng.uniform(0, min(backoff_max, backoff_base * 2 ** min(failures - 1, 30)))
-
-    failures = 0
-    while True:
-        try:
-            ca = await ensure_ca(core, names, trust_domain, clock)
-            break
-        except Exception as exc:  # API errors, RBAC, an unusable Secret: all retried
-            failures += 1
-            problem = f"cannot read or create the CA ({ca_secret}): {describe_failure(exc)}"
-            if on_problem is not None:
-                on_problem(problem)
-            delay = backoff(failures)
-            complain(problem, delay)
-            await asyncio.sleep(delay)
-    complain.resolved(f"reading the CA from {ca_secret}")
-    on_ca(ca)
-    log.info("the CA (trust domain %s) is loaded from %s", ca.trust_domain, ca_secret)
-    failures = 0
-    while True:
-        try:
-            await ensure_webhook_certificate(core, ca, names)
-            await ensure_ca_bundle(admission, ca, names)
-        except Exception as exc:
-            failures += 1
-            delay = backoff(failures)
-            complain(f"cannot keep the webhook's certificate ({names.namespace}/{names.webhook_secret}) or "
-                     f"caBundle ({names.webhook_configuration}) current: {describe_failure(exc)}", delay)
-            await asyncio.sleep(delay)
-            continue
-        if failures:
-            complain.resolved("keeping the webhook's certificate and caBundle current")
-        failures = 0
-        await asyncio.sleep(recheck_every * rng.uniform(1 - RECHECK_JITTER, 1 + RECHECK_JITTER))

@@ -73,6 +73,26 @@ def _exposed() -> dict[str, frozenset[str]]:
 EXPOSED = _exposed()
 
 
+def _control_exposed() -> dict[str, frozenset[str]]:
+    """Sample name -> label names of the control plane's CA metrics, with a CA loaded (rules
+    may alert on them: the control plane's pod is scraped too)."""
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from meshproxy.control.ca_api import CASlot, CertificateCounts
+    from meshproxy.identity.ca import CertificateAuthority
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(CertificateCounts(slot=CASlot(CertificateAuthority.in_memory("cluster.local"))))
+    names: dict[str, set[str]] = {}
+    for family in text_string_to_metric_families(generate_latest(registry).decode()):
+        for sample in family.samples:
+            names.setdefault(sample.name, set()).update(sample.labels)
+    return {name: frozenset(labels) for name, labels in names.items()}
+
+
+CONTROL_EXPOSED = _control_exposed()
+
+
 def test_the_exposition_has_every_metric_of_the_spec() -> None:
     """Guards the fixture: every §6 metric has a sample, so its labels are known."""
     for name in (
@@ -579,7 +599,7 @@ def _rules() -> list[dict]:
 
 
 def test_rules_reference_exposed_metrics_and_labels() -> None:
-    known = dict(EXPOSED)
+    known = {**EXPOSED, **CONTROL_EXPOSED}
     recorded = set()
     for rule in _rules():
         assert ("record" in rule) != ("alert" in rule), rule
@@ -608,6 +628,7 @@ def test_rules_cover_the_golden_signals_and_alert_on_success_rate_and_certificat
     alerts = {r["alert"]: r["expr"] for r in rules if "alert" in r}
     assert any('classification="success"' in e for e in alerts.values())
     assert any("meshproxy_cert_expiry_timestamp_seconds" in e and "time()" in e for e in alerts.values())
+    assert any("meshproxy_control_issuer_expiry_timestamp_seconds" in e and "time()" in e for e in alerts.values())
 
 
 # -- optional second opinions -----------------------------------------------------------------
