@@ -169,6 +169,11 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     if only == "proxy":
         _add_proxy(sub)
         return parser
+    if only == "wait-ready":  # a classic sidecar's postStart hook: as light as the proxy
+        from meshproxy.kube import waitready
+
+        waitready.add_parser(sub)
+        return parser
     _add_up(sub)
     _add_control(sub)
     _add_proxy(sub)
@@ -176,7 +181,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     from meshproxy import stat_cli
     from meshproxy.demo import load as demo_load
     from meshproxy.identity import cli as ca_cli
-    from meshproxy.kube import init_cli, inject_cli, webhook
+    from meshproxy.kube import init_cli, inject_cli, waitready, webhook
 
     stat_cli.add_parser(sub)
     demo_load.add_parser(sub)
@@ -184,12 +189,13 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     init_cli.add_parser(sub)
     inject_cli.add_parser(sub)
     webhook.add_parser(sub)
+    waitready.add_parser(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     words = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser("proxy" if words[:1] == ["proxy"] else None)
+    parser = build_parser(words[0] if words[:1] in (["proxy"], ["wait-ready"]) else None)
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
@@ -198,6 +204,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from meshproxy.dataplane.process import run_proxy
 
         return run_proxy(args)
+    if args.command == "wait-ready":
+        from meshproxy.kube import waitready
+
+        return waitready.run(args)
     if args.command == "control":
         from meshproxy.control.run import run_control
 

@@ -42,6 +42,11 @@ PROXY_CPU_REQUEST = CONFIG_PREFIX + "proxy-cpu-request"
 PROXY_MEMORY_LIMIT = CONFIG_PREFIX + "proxy-memory-limit"
 LOG_LEVEL = CONFIG_PREFIX + "log-level"
 LOG_LEVELS = ("debug", "info", "warning", "error")  # what `meshproxy proxy --log-level` takes
+WAIT_BEFORE_EXIT = CONFIG_PREFIX + "proxy-wait-before-exit-seconds"
+# A classic sidecar gets SIGTERM with the app; it keeps serving this long first, so that the
+# app's own shutdown (last requests, a final flush to a database) still goes through the mesh.
+DEFAULT_WAIT_BEFORE_EXIT = 5
+MAX_WAIT_BEFORE_EXIT = 3600
 
 # Labels that usually name the Service a pod backs, in order of preference.
 SERVICE_LABELS = ("app.kubernetes.io/name", "app")
@@ -250,8 +255,27 @@ def proxy_container(annotations: Mapping[str, Any], labels: Mapping[str, Any],
         },
     }
     if native:
+        # Kubernetes orders native sidecars itself: started (startupProbe) before later init
+        # containers and the app, stopped after the app has exited.
         container["restartPolicy"] = "Always"
+    else:
+        container["lifecycle"] = classic_lifecycle(annotations)
     return container
+
+
+def classic_lifecycle(annotations: Mapping[str, Any]) -> dict:
+    """Return the ``lifecycle`` hooks of a classic proxy container: ``postStart`` waits until the
+    proxy is ready (the kubelet holds the app's start until it returns), ``preStop`` keeps the
+    proxy serving for ``proxy-wait-before-exit-seconds`` (default 5; 0: none) while the app
+    shuts down. Raises InjectError for an unusable annotation."""
+    hooks: dict[str, Any] = {"postStart": {"exec": {"command": ["meshproxy", "wait-ready", "--timeout", "600"]}}}
+    text = str(annotations.get(WAIT_BEFORE_EXIT, DEFAULT_WAIT_BEFORE_EXIT)).strip()
+    if not text.isdigit() or int(text) > MAX_WAIT_BEFORE_EXIT:
+        raise InjectError(f"annotation {WAIT_BEFORE_EXIT}: {text!r} is not a whole number of seconds "
+                          f"from 0 to {MAX_WAIT_BEFORE_EXIT}")
+    if int(text):
+        hooks["preStop"] = {"exec": {"command": ["sleep", str(int(text))]}}
+    return hooks
 
 
 def token_volume() -> dict:

@@ -194,6 +194,14 @@ def test_the_init_container_can_print_its_rules(image: Image) -> None:
     assert "iptables" in version.stdout
 
 
+def test_a_classic_sidecars_hooks_run_in_the_image(image: Image) -> None:
+    """Injection gives a classic proxy container `meshproxy wait-ready` (postStart) and
+    `sleep N` (preStop): both must exist for its user."""
+    done = image.run([*image.entrypoint, "wait-ready", "--timeout", "0.2"], check=False)
+    assert done.returncode == 1 and "was not ready within 0.2s" in done.stderr
+    assert image.run(["sleep", "0"]).returncode == 0
+
+
 def test_the_kubernetes_extra_is_installed(image: Image) -> None:
     done = image.run(["python3", "-c", "import kubernetes_asyncio, meshproxy.control.kubernetes, "
                       "meshproxy.kube.webhook, meshproxy.kube.bootstrap; print('ok')"])

@@ -425,3 +425,39 @@ def test_any_injection_is_valid_and_idempotent(kind, annotations, labels, native
     if once != obj:
         assert inits[0] == "meshproxy-init"
         assert "meshproxy-proxy" in inits[1:2] + names(spec["containers"])[:1]
+
+
+# --- a classic sidecar's start and stop ---------------------------------------------------------
+
+
+def classic_proxy(annotations: dict | None = None) -> dict:
+    out = inject(workload("Deployment", annotations), namespace_labels=ENABLED,
+                 options=InjectOptions(native_sidecar=False))
+    validate(out)
+    return next(c for c in pod_template(out)["spec"]["containers"] if c["name"] == "meshproxy-proxy")
+
+
+def test_a_classic_proxy_holds_the_app_until_ready_and_outlives_its_shutdown():
+    hooks = classic_proxy()["lifecycle"]
+    # the kubelet starts the next container (the app) once postStart has returned
+    assert hooks["postStart"]["exec"]["command"] == ["meshproxy", "wait-ready", "--timeout", "600"]
+    assert hooks["preStop"]["exec"]["command"] == ["sleep", "5"]
+
+
+@pytest.mark.parametrize("value, pre_stop", [("0", None), ("30", ["sleep", "30"]), (" 12 ", ["sleep", "12"])])
+def test_wait_before_exit_annotation(value, pre_stop):
+    hooks = classic_proxy({"config.meshproxy.io/proxy-wait-before-exit-seconds": value})["lifecycle"]
+    assert hooks.get("preStop", {}).get("exec", {}).get("command") == pre_stop
+    assert "postStart" in hooks
+
+
+@pytest.mark.parametrize("value", ["lots", "-1", "1.5", "3601"])
+def test_an_unusable_wait_before_exit_is_refused(value):
+    with pytest.raises(InjectError, match="proxy-wait-before-exit-seconds"):
+        classic_proxy({"config.meshproxy.io/proxy-wait-before-exit-seconds": value})
+
+
+def test_a_native_sidecar_needs_no_hooks():
+    out = inject(workload("Deployment"), namespace_labels=ENABLED)
+    proxy = next(c for c in pod_template(out)["spec"]["initContainers"] if c["name"] == "meshproxy-proxy")
+    assert "lifecycle" not in proxy and proxy["restartPolicy"] == "Always"
