@@ -1,7 +1,7 @@
 """Kubernetes API objects to the configuration documents the control plane loads. Pure: no I/O.
 
-`ClusterState` holds the objects a list + watch delivers (dicts as the API server's JSON has
-them, camelCase), keyed by (namespace, name). `documents_from_cluster` turns them into plain
+`ClusterState` (control/clusterstate.py) holds the objects a list + watch delivers.
+`documents_from_cluster` turns them into plain
 documents of the shape users write in files: one `Mesh` named `kubernetes` holding every
 Service with its instances, then the HTTPRoutes and the meshproxy.io policies.
 
@@ -42,8 +42,6 @@ Where the Mesh shape and Kubernetes differ, these choices hold:
   server's schema makes that rare; a webhook or an old object can) is left out alone and
   reported as a `Rejection`; it does not stop the other objects from being mapped.
 
-Stored objects lose `status`, `managedFields` and `resourceVersion`, and pods everything but
-name, labels, service account and container names: so a status-only update is no change.
 Namespaces are held (for whoever needs their labels) but do not shape the documents.
 """
 
@@ -52,24 +50,14 @@ from __future__ import annotations
 import copy
 import hashlib
 import ipaddress
-from typing import Any, Iterable
+from typing import Any
 
 from meshproxy.config.model.common import DEFAULT_TRUST_DOMAIN
 from meshproxy.config.model.mesh import Mesh, join_host_port
 from meshproxy.config.parse.common import DNS_SUBDOMAIN_RE
+from meshproxy.control.clusterstate import ClusterState, Key, metadata_of, namespaced_name
 from meshproxy.control.screening import Rejection
 
-API_VERSIONS: dict[str, str] = {
-    "Service": "v1",
-    "EndpointSlice": "discovery.k8s.io/v1",
-    "Pod": "v1",
-    "Namespace": "v1",
-    "HTTPRoute": "gateway.networking.k8s.io/v1",
-    "TrafficPolicy": "meshproxy.io/v1alpha1",
-    "PeerAuthentication": "meshproxy.io/v1alpha1",
-    "AuthorizationPolicy": "meshproxy.io/v1alpha1",
-}
-KINDS = tuple(API_VERSIONS)
 # Kinds passed through as documents, in this order after the Mesh.
 DOCUMENT_KINDS = ("HTTPRoute", "TrafficPolicy", "PeerAuthentication", "AuthorizationPolicy")
 MESH_NAME = "kubernetes"
@@ -78,140 +66,10 @@ SERVICE_NAME_LABEL = "kubernetes.io/service-name"
 SERVICE_ACCOUNT_LABEL = "meshproxy.io/service-account"
 TERMINATING_LABEL = "meshproxy.io/terminating"
 _LAST_APPLIED = "kubectl.kubernetes.io/last-applied-configuration"
-_UNSTORED_METADATA = ("managedFields", "resourceVersion")
 _DOCUMENT_METADATA = ("name", "namespace", "labels", "annotations")
 
-Key = tuple[str, str]
 # What a field of an unexpected shape raises deep in the mapping (a list where a dict belongs).
 _SHAPE_ERRORS = (AttributeError, KeyError, TypeError, ValueError)
-
-
-def _meta(obj: dict) -> dict:
-    meta = obj.get("metadata")
-    return meta if isinstance(meta, dict) else {}
-
-
-def _key(obj: dict) -> Key:
-    meta = _meta(obj)
-    return (meta.get("namespace") or "", meta.get("name") or "")
-
-
-def _version_number(value: Any) -> int | None:
-    text = str(value) if value is not None else ""
-    return int(text) if text.isdigit() else None
-
-
-def _names(containers: Any) -> list[dict]:
-    return [{"name": c.get("name")} for c in containers or () if isinstance(c, dict)]
-
-
-def _stored(kind: str, obj: dict) -> dict:
-    """The part of `obj` worth keeping (see the module docstring), with its kind set."""
-    meta = {k: v for k, v in _meta(obj).items() if k not in _UNSTORED_METADATA}
-    if kind == "Pod":
-        spec = obj.get("spec") or {}
-        return {
-            "apiVersion": API_VERSIONS[kind],
-            "kind": kind,
-            "metadata": {k: meta[k] for k in ("name", "namespace", "labels") if k in meta},
-            "spec": {
-                "serviceAccountName": spec.get("serviceAccountName") or spec.get("serviceAccount") or "default",
-                "containers": _names(spec.get("containers")),
-                "initContainers": _names(spec.get("initContainers")),
-            },
-        }
-    out = {k: v for k, v in obj.items() if k not in ("status", "metadata")}
-    out["apiVersion"] = obj.get("apiVersion") or API_VERSIONS[kind]
-    out["kind"] = kind
-    out["metadata"] = meta
-    return out
-
-
-class ClusterState:
-    """The objects of the kinds in `KINDS`, as a list + watch of each has delivered them."""
-
-    def __init__(self) -> None:
-        self._objects: dict[str, dict[Key, dict]] = {kind: {} for kind in KINDS}
-        self._version = 0
-
-    @staticmethod
-    def _kind(obj: dict, kind: str | None) -> str:
-        found = kind or obj.get("kind")
-        if found not in API_VERSIONS:
-            raise ValueError(f"unknown kind {found!r} (known: {', '.join(KINDS)})")
-        return found
-
-    def observe(self, resource_version: Any) -> None:
-        """Note a resourceVersion (of a list, an object or a bookmark); non-numeric ones are ignored."""
-        number = _version_number(resource_version)
-        if number is not None and number > self._version:
-            self._version = number
-
-    def resource_version(self) -> int:
-        """Return the highest numeric resourceVersion seen (0 before any): a generation that only grows."""
-        return self._version
-
-    def upsert(self, obj: dict, kind: str | None = None) -> bool:
-        """Add or replace `obj` (kind from `kind`, else its own `kind`); return True when what is
-        kept of it changed. Raises ValueError for a kind not in `KINDS`."""
-        kind = self._kind(obj, kind)
-        self.observe(_meta(obj).get("resourceVersion"))
-        stored = _stored(kind, obj)
-        table = self._objects[kind]
-        key = _key(obj)
-        if table.get(key) == stored:
-            return False
-        table[key] = stored
-        return True
-
-    def delete(self, obj: dict, kind: str | None = None) -> bool:
-        """Remove `obj` (by namespace and name); return True when it was held.
-        Raises ValueError for a kind not in `KINDS`."""
-        kind = self._kind(obj, kind)
-        self.observe(_meta(obj).get("resourceVersion"))
-        return self._objects[kind].pop(_key(obj), None) is not None
-
-    def apply_event(self, event_type: str, obj: dict, kind: str | None = None) -> bool:
-        """Apply one watch event (ADDED, MODIFIED, DELETED, BOOKMARK); return True when the state
-        changed. Raises ValueError for another event type or an unknown kind."""
-        if event_type in ("ADDED", "MODIFIED"):
-            return self.upsert(obj, kind)
-        if event_type == "DELETED":
-            return self.delete(obj, kind)
-        if event_type == "BOOKMARK":
-            self.observe(_meta(obj).get("resourceVersion"))
-            return False
-        raise ValueError(f"unknown watch event type {event_type!r}")
-
-    def replace(self, kind: str, objects: Iterable[dict], *, namespace: str | None = None,
-                resource_version: Any = None) -> bool:
-        """Make the objects of `kind` (in `namespace`, or all of them when None) exactly
-        `objects`, as a fresh list gives them; return True when anything changed.
-        Raises ValueError for a kind not in `KINDS`."""
-        kind = self._kind({}, kind)
-        self.observe(resource_version)
-        table = self._objects[kind]
-        fresh = {}
-        for obj in objects:
-            self.observe(_meta(obj).get("resourceVersion"))
-            fresh[_key(obj)] = _stored(kind, obj)
-        old = {k: v for k, v in table.items() if namespace is None or k[0] == namespace}
-        if old == fresh:
-            return False
-        for key in old:
-            del table[key]
-        table.update(fresh)
-        return True
-
-    def objects(self, kind: str) -> list[dict]:
-        """Return the held objects of `kind`, sorted by (namespace, name); do not modify them."""
-        table = self._objects[self._kind({}, kind)]
-        return [table[k] for k in sorted(table)]
-
-    def get(self, kind: str, namespace: str, name: str) -> dict | None:
-        """Return the held object of `kind` at namespace/name (namespace "" for cluster-scoped
-        kinds), or None."""
-        return self._objects[self._kind({}, kind)].get((namespace, name))
 
 
 def documents_from_cluster(state: ClusterState, *, trust_domain: str = DEFAULT_TRUST_DOMAIN,
@@ -237,12 +95,12 @@ def documents_from_cluster(state: ClusterState, *, trust_domain: str = DEFAULT_T
 
 def _age(obj: dict) -> tuple[str, str, str]:
     # RFC 3339 timestamps as the API server writes them (UTC, `Z`) sort as strings.
-    meta = _meta(obj)
+    meta = metadata_of(obj)
     return (meta.get("creationTimestamp") or "", meta.get("namespace") or "", meta.get("name") or "")
 
 
 def _document(obj: dict) -> dict:
-    meta = {k: copy.deepcopy(v) for k, v in _meta(obj).items() if k in _DOCUMENT_METADATA}
+    meta = {k: copy.deepcopy(v) for k, v in metadata_of(obj).items() if k in _DOCUMENT_METADATA}
     annotations = meta.get("annotations")
     if isinstance(annotations, dict):
         annotations.pop(_LAST_APPLIED, None)
@@ -258,15 +116,15 @@ def _document(obj: dict) -> dict:
 
 
 def _unmapped(kind: str, obj: dict, exc: Exception) -> Rejection:
-    namespace, name = _key(obj)
+    namespace, name = namespaced_name(obj)
     return Rejection(kind, namespace, name, f"cannot be mapped: {type(exc).__name__}: {exc}")
 
 
 def _services(state: ClusterState, rejected: list[Rejection]) -> list[dict]:
     slices: dict[Key, list[dict]] = {}
     for s in state.objects("EndpointSlice"):
-        namespace, _ = _key(s)
-        labels = _meta(s).get("labels")
+        namespace, _ = namespaced_name(s)
+        labels = metadata_of(s).get("labels")
         service = labels.get(SERVICE_NAME_LABEL) if isinstance(labels, dict) else None
         if service:
             slices.setdefault((namespace, service), []).append(s)
@@ -274,7 +132,7 @@ def _services(state: ClusterState, rejected: list[Rejection]) -> list[dict]:
     out = []
     for service in state.objects("Service"):
         try:
-            entry = _service(service, slices.get(_key(service), []), state, taken, rejected)
+            entry = _service(service, slices.get(namespaced_name(service), []), state, taken, rejected)
         except _SHAPE_ERRORS as exc:
             rejected.append(_unmapped("Service", service, exc))
             continue
@@ -298,7 +156,7 @@ def _ip(text: Any) -> str | None:
 
 def _service(service: dict, slices: list[dict], state: ClusterState, taken: set[str],
              rejected: list[Rejection]) -> dict | None:
-    namespace, name = _key(service)
+    namespace, name = namespaced_name(service)
     spec = service.get("spec") or {}
     port = _chosen_port(spec.get("ports"))
     if spec.get("type") == "ExternalName" or port is None:
@@ -308,7 +166,7 @@ def _service(service: dict, slices: list[dict], state: ClusterState, taken: set[
     primary = (spec.get("ipFamilies") or ["IPv4"])[0]
     # instance name -> IP family -> (rank, instance): the best listing of each pod per family.
     best: dict[str, dict[str, tuple[tuple[bool, bool], dict]]] = {}
-    for s in sorted(slices, key=lambda s: _key(s)[1]):
+    for s in sorted(slices, key=lambda s: namespaced_name(s)[1]):
         family = s.get("addressType")
         try:
             target = _target_port(s, port)
@@ -375,7 +233,7 @@ def _instance(endpoint: dict, namespace: str, port: int, state: ClusterState) ->
     if ref.get("kind", "Pod") == "Pod" and ref.get("name"):
         pod = state.get("Pod", ref.get("namespace") or namespace, ref["name"])
     name = ref.get("name") if DNS_SUBDOMAIN_RE.match(ref.get("name") or "") else _address_name(address)
-    labels = dict((_meta(pod).get("labels") or {}) if pod else {})
+    labels = dict((metadata_of(pod).get("labels") or {}) if pod else {})
     if pod is not None:
         labels[SERVICE_ACCOUNT_LABEL] = pod["spec"]["serviceAccountName"]
     if terminating:

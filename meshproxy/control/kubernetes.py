@@ -39,7 +39,8 @@ from kubernetes_asyncio import client, config, watch
 from kubernetes_asyncio.client.exceptions import ApiException
 
 from meshproxy.config.model.common import DEFAULT_TRUST_DOMAIN
-from meshproxy.control.kubeobjects import ClusterState, documents_from_cluster
+from meshproxy.control.clusterstate import ClusterState
+from meshproxy.control.kubeobjects import documents_from_cluster
 from meshproxy.control.screening import Rejection
 
 log = logging.getLogger(__name__)

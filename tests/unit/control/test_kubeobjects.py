@@ -11,7 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from meshproxy.config import load_objects
-from meshproxy.control.kubeobjects import ClusterState, documents_from_cluster
+from meshproxy.control.clusterstate import ClusterState
+from meshproxy.control.kubeobjects import documents_from_cluster
 from support import kubefactory as k
 
 

@@ -11,7 +11,8 @@ import pytest
 
 import support.kubefactory as k
 from meshproxy.config import ConfigError, load
-from meshproxy.control.kubeobjects import ClusterState, documents_from_cluster
+from meshproxy.control.clusterstate import ClusterState
+from meshproxy.control.kubeobjects import documents_from_cluster
 from meshproxy.control.plane import ControlPlane
 from meshproxy.control.screening import Rejection, Screening, build_discovered
 
