@@ -102,16 +102,22 @@ class CAFolder:
         self.folder = folder
         self.slot = slot
         self.clock = clock
+        self._unreadable: str | None = None  # why the files could not be looked at, once said
         self._stamp = self._files()
         self._warned_at: float | None = None
 
     def _files(self) -> tuple[int, ...] | None:
-        # The inode too: renew-issuer renames new files into place.
+        # The inode too: renew-issuer renames new files into place; and the ctime, so that a
+        # chmod or chown that makes a refused file readable is a change to load again.
         try:
             stats = [os.stat(os.path.join(self.folder, name)) for name in self.FILES]
-        except OSError:
+        except OSError as exc:
+            if str(exc) != self._unreadable:
+                self._unreadable = str(exc)
+                log.warning("cannot look at the CA files in %s (%s); keeping the CA in use", self.folder, exc)
             return None
-        return tuple(x for st in stats for x in (st.st_mtime_ns, st.st_ino, st.st_size))
+        self._unreadable = None
+        return tuple(x for st in stats for x in (st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_size))
 
     def check(self) -> bool:
         """Load the CA again when its files changed since the last load, then warn when due;

@@ -23,28 +23,39 @@ from meshproxy.control.views import (
 )
 
 ROUNDS = 10  # builds one change may take to find its invalid objects (each takes out some)
+# Kinds whose absence opens what they close: an invalid one with no valid version to keep is
+# replaced by a stand-in that closes instead (see `_stand_in`).
+FAIL_CLOSED_KINDS = ("AuthorizationPolicy", "PeerAuthentication")
 _SERVICE_PATH = re.compile(r"^spec\.services\[\d+\]\.")
 
 
 @dataclass(frozen=True)
 class Rejection:
-    """A discovered object not in force as it is now: left out, or held at its last valid
-    version (`kept`). Equal rejections are one: the plane reports each once."""
+    """A discovered object not in force as it is now: left out, held at its last valid
+    version (`kept`), or replaced by a stand-in that closes what it would (`fail_closed`:
+    deny every request, or STRICT mTLS). Equal rejections are one: the plane reports each once."""
 
     kind: str
     namespace: str
     name: str
     reason: str
     kept: bool = False
+    fail_closed: bool = False
 
     def __str__(self) -> str:
-        outcome = "its last valid version stays in force" if self.kept else "left out"
+        if self.kept:
+            outcome = "its last valid version stays in force"
+        elif self.fail_closed:
+            outcome = ("in force as DENY of every request to its target until fixed"
+                       if self.kind == "AuthorizationPolicy" else "in force as STRICT until fixed")
+        else:
+            outcome = "left out"
         return f"{self.kind} {self.namespace}/{self.name}: {self.reason} ({outcome})"
 
     def to_json(self) -> dict:
         """The rejection as `/config` shows it."""
         return {"kind": self.kind, "namespace": self.namespace, "name": self.name, "reason": self.reason,
-                "keptLastValid": self.kept}
+                "keptLastValid": self.kept, "failClosed": self.fail_closed}
 
 
 @dataclass
@@ -106,6 +117,23 @@ def _invalid_alone(key: ObjectKey, doc: dict) -> bool:
     return False
 
 
+def _stand_in(key: ObjectKey, doc: dict) -> dict | None:
+    """The fail-closed stand-in for an invalid AuthorizationPolicy (DENY of every request) or
+    PeerAuthentication (STRICT) `doc`, for the same target: its `targetRef` when that is valid
+    on its own, else its whole namespace (wider, never more open). None for other kinds."""
+    if key[0] not in FAIL_CLOSED_KINDS:
+        return None
+    spec = {"action": "DENY", "rules": [{}]} if key[0] == "AuthorizationPolicy" else {"mtls": {"mode": "STRICT"}}
+    base = {"apiVersion": doc.get("apiVersion") or "meshproxy.io/v1alpha1", "kind": key[0],
+            "metadata": {"name": key[2], "namespace": key[1]}}
+    original = doc.get("spec") if isinstance(doc.get("spec"), dict) else {}
+    if "targetRef" in original:
+        targeted = {**base, "spec": {"targetRef": original["targetRef"], **spec}}
+        if not _invalid_alone(key, targeted):
+            return targeted
+    return {**base, "spec": spec}
+
+
 def build_discovered(files: LoadResult | None, discovered: Sequence[dict], screening: Screening,
                      registrations: Registrations | None = None, generation: Iterable[int] = (0,),
                      cache: EncodingCache | None = None) -> tuple[ControlSnapshot, list[Rejection]]:
@@ -129,14 +157,25 @@ def build_discovered(files: LoadResult | None, discovered: Sequence[dict], scree
         # One that was valid keeps its last valid version rather than dropping out: the files'
         # rule (keep the last valid configuration) per object; what Linkerd's policy controller
         # does with an update it cannot read; and safe: a typo in a STRICT PeerAuthentication
-        # or a DENY AuthorizationPolicy must not open what it closed.
+        # or a DENY AuthorizationPolicy must not open what it closed. Not a Service: its last
+        # version lists endpoints that are gone (and whose addresses other pods may have now).
         first = rejected.get(key)
-        if first is None and key in previous and previous[key] != chosen[key]:
+        if first is None and key[0] != "Service" and key in previous and previous[key] != chosen[key]:
             chosen[key] = previous[key]
             rejected[key] = Rejection(*key, reason, kept=True)
-        else:  # no earlier version, or that one no longer fits either
+            return
+        reason = first.reason if first else reason
+        # No version to keep (never valid, or held in the memory of a replica that has since
+        # restarted), or the kept one no longer fits: policies that close something close
+        # everything they may cover instead of opening it. Once only: a stand-in that does not
+        # fit either (a conflict with another object) leaves the object out.
+        stand_in = _stand_in(key, chosen[key]) if first is None or first.kept else None
+        if stand_in is not None:
+            chosen[key] = stand_in
+            rejected[key] = Rejection(*key, reason, fail_closed=True)
+        else:
             del chosen[key]
-            rejected[key] = Rejection(*key, first.reason if first else reason)
+            rejected[key] = Rejection(*key, reason)
 
     for key, doc in units:
         known = screening.invalid.get(key)

@@ -66,7 +66,9 @@ class CertificateError(Exception):
 
 def _retry_after(value: str | None) -> float | None:
     """Seconds of a `Retry-After` header in its delay-seconds form (RFC 9110 §10.2.3), else None."""
-    return float(value) if value is not None and value.strip().isdigit() else None
+    # isascii: str.isdigit() also accepts digits such as "²" that float() refuses.
+    text = value.strip() if value is not None else ""
+    return float(text) if text.isascii() and text.isdigit() else None
 
 
 def renewal_time(received: float, expires: float, rng: random.Random, *, at: float = RENEW_AT,

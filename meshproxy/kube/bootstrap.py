@@ -247,13 +247,15 @@ async def ensure_webhook_certificate(core: Any, ca: CertificateAuthority, names:
     raise IdentityError(f"Secret {names.namespace}/{names.webhook_secret} keeps changing; giving up for now")
 
 
-async def ensure_ca_bundle(admission: Any, ca: CertificateAuthority, names: Names) -> bool:
+async def ensure_ca_bundle(admission: Any, ca: CertificateAuthority, names: Names, *,
+                           quiet_when_missing: bool = False) -> bool:
     """Set `caBundle` to the trust anchor on every webhook of the configuration that calls the
     webhook Service; return True when it was changed. A configuration that is not installed
-    is logged and skipped."""
+    is logged (at debug with `quiet_when_missing`: the caller said so already) and skipped."""
     config = await _read(admission.read_mutating_webhook_configuration, names.webhook_configuration)
     if config is None:
-        log.warning("MutatingWebhookConfiguration %s is not installed: no sidecar injection", names.webhook_configuration)
+        log.log(logging.DEBUG if quiet_when_missing else logging.WARNING,
+                "MutatingWebhookConfiguration %s is not installed: no sidecar injection", names.webhook_configuration)
         return False
     bundle = _b64(ca.trust_bundle())
     patch: list[dict] = [{"op": "test", "path": "/metadata/resourceVersion",

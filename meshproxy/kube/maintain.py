@@ -31,6 +31,7 @@ RECHECK_JITTER = 0.1
 BACKOFF_BASE = 0.5
 BACKOFF_MAX = 30.0
 REPEAT_COMPLAINT_AFTER = 60.0  # seconds before the same failure is logged again
+BUNDLE_EVERY = 60.0  # the caBundle alone, between rounds
 
 
 def describe_failure(exc: BaseException) -> str:
@@ -79,12 +80,14 @@ async def maintain(api_client: Any, *, trust_domain: str, on_ca: Callable[[Certi
                    on_problem: Callable[[str], None] | None = None, names: Names = Names(),
                    rng: random.Random | None = None, clock: Callable[[], float] = time.time,
                    recheck_every: float = RECHECK_EVERY, backoff_base: float = BACKOFF_BASE,
-                   backoff_max: float = BACKOFF_MAX) -> None:
+                   backoff_max: float = BACKOFF_MAX, bundle_every: float = BUNDLE_EVERY) -> None:
     """Run the module's steps for as long as the control plane runs (cancel to stop; it never
     returns otherwise): read or create the CA until that works and hand it to `on_ca` (until
     then each failure goes to `on_problem`, for the certificate endpoint to tell callers);
     then keep the issuer, the webhook's certificate and caBundle current, every
-    `recheck_every` seconds (±10%, from `rng`), handing each issuer newly in force to `on_ca`. Failures are retried with capped, fully jittered exponential backoff."""
+    `recheck_every` seconds (±10%, from `rng`), handing each issuer newly in force to `on_ca`,
+    and the caBundle alone every `bundle_every` seconds between. Failures are retried with
+    capped, fully jittered exponential backoff, each step on its own."""
     from kubernetes_asyncio import client
 
     rng = rng or random.Random()
@@ -113,25 +116,45 @@ async def maintain(api_client: Any, *, trust_domain: str, on_ca: Callable[[Certi
     on_ca(ca)
     log.info("the CA (trust domain %s) is loaded from %s; issuer %s", ca.trust_domain, ca_secret,
              describe(ca.issuer))
-    failures = 0
+    # Each step on its own: one that keeps failing (an immutable Secret, a root key that does
+    # not match) must not hold back the others. The caBundle is also looked at every
+    # `bundle_every` seconds between rounds (one GET): a webhook configuration applied again
+    # (kubectl apply -k, a GitOps sync) loses it, and until it is back every new pod starts
+    # without a sidecar, silently (failurePolicy: Ignore).
+    steps = [
+        ("the issuer", ca_secret, lambda ca: ensure_issuer(core, names, ca, clock)),
+        ("the webhook's certificate", f"Secret {names.namespace}/{names.webhook_secret}",
+         lambda ca: ensure_webhook_certificate(core, ca, names)),
+        ("the caBundle", f"MutatingWebhookConfiguration {names.webhook_configuration}",
+         lambda ca: ensure_ca_bundle(admission, ca, names)),
+    ]
+    step_failures: dict[str, int] = {}
+    complaints = {what: _Complaints(time.monotonic, REPEAT_COMPLAINT_AFTER) for what, _, _ in steps}
+    loop = asyncio.get_running_loop()
+    next_round = loop.time()
     while True:
-        try:
-            current = await ensure_issuer(core, names, ca, clock)
-            if current is not ca:
-                ca = current
-                on_ca(ca)
-                log.info("the issuer in force is now %s", describe(ca.issuer))
-            await ensure_webhook_certificate(core, ca, names)
-            await ensure_ca_bundle(admission, ca, names)
-        except Exception as exc:
-            failures += 1
-            delay = backoff(failures)
-            complain(f"cannot keep the issuer ({ca_secret}), the webhook's certificate "
-                     f"({names.namespace}/{names.webhook_secret}) or caBundle ({names.webhook_configuration}) "
-                     f"current: {describe_failure(exc)}", delay)
-            await asyncio.sleep(delay)
-            continue
-        if failures:
-            complain.resolved("keeping the issuer, the webhook's certificate and caBundle current")
-        failures = 0
-        await asyncio.sleep(recheck_every * rng.uniform(1 - RECHECK_JITTER, 1 + RECHECK_JITTER))
+        now = loop.time()
+        if now >= next_round:
+            wait = recheck_every * rng.uniform(1 - RECHECK_JITTER, 1 + RECHECK_JITTER)
+            for what, where, step in steps:
+                try:
+                    result = await step(ca)
+                except Exception as exc:  # API errors, RBAC, an unusable Secret: all retried
+                    step_failures[what] = step_failures.get(what, 0) + 1
+                    delay = backoff(step_failures[what])
+                    wait = min(wait, delay)
+                    complaints[what](f"cannot keep {what} ({where}) current: {describe_failure(exc)}", delay)
+                    continue
+                if step_failures.pop(what, 0):
+                    complaints[what].resolved(f"keeping {what} current")
+                if isinstance(result, CertificateAuthority) and result is not ca:
+                    ca = result
+                    on_ca(ca)
+                    log.info("the issuer in force is now %s", describe(ca.issuer))
+            next_round = loop.time() + wait
+        else:
+            try:
+                await ensure_ca_bundle(admission, ca, names, quiet_when_missing=True)
+            except Exception as exc:
+                log.debug("looking at the caBundle: %s", describe_failure(exc))  # the rounds say it
+        await asyncio.sleep(max(0.0, min(bundle_every, next_round - loop.time())))

@@ -45,7 +45,11 @@ class Supervisor:
 
     async def start(self, child: Child) -> None:
         """Start `child`. Raises OSError when its program cannot be run."""
-        env = dict(os.environ)
+        # The shell's MESHPROXY_* variables are the defaults of `meshproxy proxy`'s flags (a
+        # pod's environment in Kubernetes): left in, one such as MESHPROXY_SERVICE_ACCOUNT or
+        # MESHPROXY_TRANSPARENT would change every sidecar `up` starts. A child gets only the
+        # ones `up` sets for it.
+        env = {k: v for k, v in os.environ.items() if not k.startswith("MESHPROXY_")}
         env.update(child.env)
         env["PYTHONUNBUFFERED"] = "1"
         child.log_path = self.log_dir / f"{child.name.replace('/', '_')}.log"

@@ -189,3 +189,32 @@ async def test_a_long_running_control_plane_keeps_the_webhook_certificate_and_ca
         with pytest.raises(asyncio.CancelledError):
             await task
         await api_client.close()
+
+
+async def test_a_ca_bundle_lost_to_a_reapplied_configuration_is_back_within_a_minute(cluster, tmp_path):
+    """`kubectl apply -k deploy/` again (or a GitOps sync) puts back the configuration without
+    a caBundle; with failurePolicy: Ignore new pods would start without sidecars, silently.
+    The caBundle is looked at between the 12-hour rounds (every `bundle_every`, 60 s in a
+    cluster, here 0.05 s) and set again; the rounds themselves are far apart here."""
+    cluster.install_webhook_configuration()
+    cas = []
+    api_client = await make_api_client(write_kubeconfig(tmp_path, cluster.url))
+    task = asyncio.create_task(maintain(api_client, trust_domain="cluster.local", on_ca=cas.append,
+                                        rng=random.Random(3), recheck_every=3600, bundle_every=0.05))
+
+    def bundle() -> str | None:
+        hooks = cluster.webhook_configurations["meshproxy-injector"]["webhooks"]
+        return hooks[0]["clientConfig"].get("caBundle")
+
+    try:
+        await until(lambda: bool(bundle()), "the first start's caBundle")
+        reads = len(cluster.secret_reads)
+        cluster.install_webhook_configuration()  # applied again: no caBundle
+        assert not bundle()
+        await until(lambda: bool(bundle()), "the caBundle set again")
+        assert base64.b64decode(bundle()) == cas[-1].trust_bundle()
+        assert len(cluster.secret_reads) == reads  # no round ran: the bundle alone was looked at
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await api_client.close()

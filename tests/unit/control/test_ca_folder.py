@@ -103,3 +103,27 @@ def test_a_trust_anchor_near_its_end_is_an_error_once_a_day(tmp_path, caplog):
     folder.clock.now += DUE_WARNING_EVERY
     folder.check()
     assert len(said(caplog, "the trust anchor")) == 2
+
+
+def test_a_file_refused_then_made_readable_is_loaded(tmp_path, monkeypatch, caplog):
+    """A renewed issuer.key the control plane may not read (written by another user) is
+    refused; the chmod or chown that fixes it changes only the file's ctime, and is enough."""
+    folder = folder_with_ca(tmp_path, 10)
+    old = folder.slot.ca
+    renew_issuer_files(tmp_path)
+    real_load = CertificateAuthority.load
+
+    def refused(*args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(tmp_path / "issuer.key"))
+
+    monkeypatch.setattr(CertificateAuthority, "load", staticmethod(refused))
+    assert folder.check() is False and folder.slot.ca is old
+    assert said(caplog, "cannot load the CA")
+    monkeypatch.setattr(CertificateAuthority, "load", staticmethod(real_load))
+    assert folder.check() is False  # nothing changed on disk yet: not tried again
+    deadline = time.monotonic() + 5
+    before = os.stat(tmp_path / "issuer.key").st_ctime_ns
+    while os.stat(tmp_path / "issuer.key").st_ctime_ns == before:  # ctime has a clock tick's grain
+        assert time.monotonic() < deadline
+        os.chmod(tmp_path / "issuer.key", 0o600)
+    assert folder.check() is True and folder.slot.ca.issuer != old.issuer

@@ -85,6 +85,57 @@ def test_an_object_that_becomes_invalid_keeps_its_last_valid_version():
     assert kept["no-deletes"]["spec"]["action"] == "DENY"
 
 
+def test_an_invalid_authorization_policy_with_no_valid_version_denies_everything_to_its_target():
+    """A replica that has just started holds no last valid version: leaving a broken DENY out
+    would open what it closed (and the replicas would disagree), so it stands in as DENY-all."""
+    broken = deny("no-deletes")
+    broken["spec"]["rules"][0]["to"][0]["operation"]["paths"] = ["/a*b"]  # a wildcard in the middle
+    found, rejected = screen(docs(broken))
+    [r] = rejected
+    assert (r.kind, r.name, r.kept, r.fail_closed) == ("AuthorizationPolicy", "no-deletes", False, True)
+    assert str(r).endswith("(in force as DENY of every request to its target until fixed)")
+    assert r.to_json()["failClosed"] is True
+    [policy] = [d for d in found if d["kind"] == "AuthorizationPolicy"]
+    assert policy["spec"] == {"targetRef": {"kind": "Service", "name": "web"}, "action": "DENY", "rules": [{}]}
+
+
+def test_an_invalid_allow_policy_also_stands_in_as_deny_all():
+    # Left out, the only ALLOW policy of a Service would open it to every caller.
+    broken = deny("only-scheduler", action="ALLOW")
+    broken["spec"]["rules"][0]["to"][0]["operation"]["methods"] = "GET"  # not a list
+    found, rejected = screen(docs(broken))
+    [policy] = [d for d in found if d["kind"] == "AuthorizationPolicy"]
+    assert rejected[0].fail_closed and policy["spec"]["action"] == "DENY"
+
+
+def test_an_invalid_peer_authentication_with_no_valid_version_stands_in_as_strict():
+    broken = k.policy("PeerAuthentication", "web-mtls", {"targetRef": {"kind": "Service", "name": "web"},
+                                                         "mtls": {"mode": "STRICT", "portLevel": 1}})
+    found, rejected = screen(docs(broken))
+    assert [(r.name, r.fail_closed) for r in rejected] == [("web-mtls", True)]
+    [policy] = [d for d in found if d["kind"] == "PeerAuthentication"]
+    assert policy["spec"] == {"targetRef": {"kind": "Service", "name": "web"}, "mtls": {"mode": "STRICT"}}
+
+
+def test_a_stand_in_with_an_unusable_target_covers_the_namespace():
+    broken = deny("no-deletes")
+    broken["spec"]["targetRef"] = {"kind": "Service"}  # no name
+    found, _ = screen(docs(broken))
+    [policy] = [d for d in found if d["kind"] == "AuthorizationPolicy"]
+    assert policy["spec"] == {"action": "DENY", "rules": [{}]} and policy["metadata"]["namespace"] == "default"
+
+
+def test_a_service_that_becomes_invalid_is_left_out_not_kept():
+    """A Service's last valid version lists endpoints that are gone; their addresses may
+    belong to other pods by now."""
+    before = docs()
+    broken = docs()
+    broken[0]["spec"]["services"][0]["port"] = 70000
+    found, rejected = screen(broken, before)
+    assert [(r.kind, r.name, r.kept) for r in rejected] == [("Service", "api", False)]
+    assert [s["name"] for s in found[0]["spec"]["services"]] == ["web"]
+
+
 def test_a_service_that_cannot_be_mapped_is_left_out_alone():
     documents = docs()
     documents[0]["spec"]["services"][0]["port"] = 70000  # what a broken mapping could give
@@ -172,7 +223,8 @@ async def test_the_plane_reports_each_rejection_once_and_applies_everything_else
     assert route_header(plane, "new") == "n1"  # other changes go on being applied
     config = plane.config_json()
     assert config["rejected"] == [{"kind": "HTTPRoute", "namespace": "default", "name": "good",
-                                   "reason": config["rejected"][0]["reason"], "keptLastValid": True}]
+                                   "reason": config["rejected"][0]["reason"], "keptLastValid": True,
+                                   "failClosed": False}]
     assert "path.type: unknown value 'Prefix'" in config["rejected"][0]["reason"]
     assert config["lastError"]["source"] == "kubernetes"
     assert config["lastError"]["errors"][0].startswith("HTTPRoute default/good: ")
