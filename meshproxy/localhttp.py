@@ -9,6 +9,7 @@ Content-Length body, keeps connections alive, and ignores request bodies.
 from __future__ import annotations
 
 import asyncio
+import errno
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from collections import deque
@@ -141,6 +142,9 @@ class LocalHTTPServer:
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(lambda: _Connection(self), host or None, port,
                                                 reuse_address=True)
+        if not self._server.sockets:  # every address skipped: no socket of its family here
+            self._server.close()
+            raise OSError(errno.EAFNOSUPPORT, f"cannot listen on {host}:{port}")
         return self._server.sockets[0].getsockname()[1]
 
     async def close(self) -> None:

@@ -52,6 +52,17 @@ async def listen_ipv6(binds: Sequence[tuple[str, Callable[[], Awaitable[object]]
     if not has_ipv6:
         log.info("no IPv6 in this Python: listening on IPv4 only")
         return []
+    try:
+        # A kernel booted with ipv6.disable=1 still resolves "::1", and create_server then
+        # skips the address it cannot open a socket for and returns a server with none: ask
+        # the kernel directly first.
+        socket.socket(socket.AF_INET6, socket.SOCK_STREAM).close()
+    except OSError as exc:
+        if exc.errno not in NO_IPV6:
+            raise
+        log.info("no IPv6 here (%s): %s left out, IPv4 only", os.strerror(exc.errno),
+                 ", ".join(what for what, _ in binds))
+        return []
     started: list[str] = []
     skipped: list[str] = []
     reason = ""

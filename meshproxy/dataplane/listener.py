@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import random
 import socket
@@ -64,6 +65,9 @@ class Listener:
             self.server = await self.loop.create_server(
                 self.protocol_factory, host, port, reuse_address=True, backlog=1024,
             )
+            if not self.server.sockets:  # every address skipped: no socket of its family here
+                self.server.close()
+                raise OSError(errno.EAFNOSUPPORT, f"cannot listen on {host}:{port}")
             return self.server.sockets[0].getsockname()[1]
         self.tls = tls
         family = socket.AF_INET6 if ":" in host else socket.AF_INET

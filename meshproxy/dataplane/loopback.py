@@ -18,6 +18,7 @@ byte order) and a port as 4 hex digits; state `0A` is LISTEN.
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable, Iterable
 
 TCP6_TABLE = "/proc/net/tcp6"
 IPV4_LOOPBACK = "127.0.0.1"
@@ -35,31 +36,63 @@ def _address(text: str, byteorder: str) -> bytes:
     return raw
 
 
-def listens_on_ipv6_loopback(table: str, port: int, byteorder: str = sys.byteorder) -> bool:
-    """Return whether `/proc/net/tcp6` text `table` shows a socket listening on `port` that
-    accepts connections to `::1` (bound to `::` or `::1`). Lines that do not parse are
-    skipped."""
-    suffix = f":{port:04X}"
-    for line in table.splitlines()[1:]:
+def ipv6_loopback_ports(lines: Iterable[str], byteorder: str = sys.byteorder) -> frozenset[int]:
+    """Return the ports that `/proc/net/tcp6` lines `lines` (heading first) show listening in a
+    way that accepts connections to `::1` (bound to `::` or `::1`). The kernel lists
+    listening sockets before all others, so reading stops at the first line in another state:
+    a pod with thousands of connections costs no more than one with none. Lines that do not
+    parse are skipped."""
+    ports = set()
+    rows = iter(lines)
+    next(rows, None)  # the heading
+    for line in rows:
         fields = line.split()
-        if len(fields) < 4 or fields[3] != _LISTEN or not fields[1].endswith(suffix):
+        if len(fields) < 4:
             continue
+        if fields[3] != _LISTEN:
+            break
+        address, _, port = fields[1].rpartition(":")
         try:
-            address = _address(fields[1][:-5], byteorder)
+            if _address(address, byteorder) in (_ANY, _LOOPBACK):
+                ports.add(int(port, 16))
         except ValueError:
             continue
-        if address in (_ANY, _LOOPBACK):
-            return True
-    return False
+    return frozenset(ports)
 
 
-def app_loopback(port: int, path: str = TCP6_TABLE) -> str:
-    """Return the loopback address to reach the local app's `port` from an IPv6 connection:
-    `::1` when the app listens there, else `127.0.0.1` (also when the table cannot be read:
-    a kernel without IPv6 has none)."""
+def read_ipv6_loopback_ports(path: str = TCP6_TABLE) -> frozenset[int]:
+    """`ipv6_loopback_ports` of the pod's table (none when it cannot be read: a kernel
+    without IPv6 has none)."""
     try:
         with open(path, encoding="ascii", errors="replace") as f:
-            table = f.read()
+            return ipv6_loopback_ports(f)
     except OSError:
-        return IPV4_LOOPBACK
-    return IPV6_LOOPBACK if listens_on_ipv6_loopback(table, port) else IPV4_LOOPBACK
+        return frozenset()
+
+
+class AppLoopback:
+    """The loopback address that reaches the local app's port from an IPv6 connection: `::1`
+    when the app listens there, else `127.0.0.1`.
+
+    The answer comes from one read of the table for every port, made again when it is
+    `ttl` seconds old (the app may restart and bind differently), or when a port is not in it
+    and the read is `miss_ttl` old (an app still starting: it would otherwise be reached at
+    the wrong address for the whole `ttl`). So the table is read at most 1/`miss_ttl` times a
+    second however many ports callers try."""
+
+    def __init__(self, clock: Callable[[], float], read: Callable[[], frozenset[int]] = read_ipv6_loopback_ports,
+                 *, ttl: float = 5.0, miss_ttl: float = 0.5) -> None:
+        self.clock = clock
+        self.read = read
+        self.ttl = ttl
+        self.miss_ttl = miss_ttl
+        self._ports: frozenset[int] = frozenset()
+        self._read_at = float("-inf")
+
+    def host(self, port: int) -> str:
+        """Return `::1` or `127.0.0.1` for the app's `port` (see the class docstring)."""
+        age = self.clock() - self._read_at
+        if age >= self.ttl or (port not in self._ports and age >= self.miss_ttl):
+            self._ports = self.read()
+            self._read_at = self.clock()
+        return IPV6_LOOPBACK if port in self._ports else IPV4_LOOPBACK

@@ -32,7 +32,7 @@ from meshproxy.dataplane.destinations import (
     ServiceRuntime,
 )
 from meshproxy.dataplane.resolvers import OutboundResolver
-from meshproxy.dataplane.loopback import IPV4_LOOPBACK, app_loopback
+from meshproxy.dataplane.loopback import IPV4_LOOPBACK, AppLoopback
 from meshproxy.dataplane.upstream import ConnectionPool
 from meshproxy.http1.errors import UnknownDestination
 from meshproxy.policy.authz import SPIFFE_SCHEME, compile_patterns, namespace_of
@@ -42,7 +42,6 @@ MAX_CACHED = 4096
 MAX_APP_PORTS = 1024
 # How long the loopback address an app listens on (for IPv6 connections) is taken as known
 # before the kernel is asked again: an app may restart and bind differently.
-APP_LOOPBACK_TTL = 5.0
 
 
 def canonical_ip(host: str) -> str:
@@ -201,13 +200,12 @@ class TransparentOutboundResolver:
 class InboundApps:
     """The local app as an endpoint per original destination: `--app-host:PORT`; for an IPv6
     original destination with the default app host, `::1:PORT` when the app listens there
-    (`app_loopback(port)`, dataplane/loopback.py), else `127.0.0.1:PORT`."""
+    (`AppLoopback`, dataplane/loopback.py), else `127.0.0.1:PORT`."""
 
-    def __init__(self, proxy, app_loopback=app_loopback) -> None:
+    def __init__(self, proxy, app_loopback: AppLoopback | None = None) -> None:
         self.proxy = proxy
-        self.app_loopback = app_loopback
+        self.app_loopback = app_loopback or AppLoopback(proxy.loop.time)
         self.runtimes: dict[tuple[str, int], ServiceRuntime] = {}
-        self._ipv6_hosts: dict[int, tuple[str, float]] = {}
 
     def at(self, original: tuple[str, int]) -> ServiceRuntime:
         """Return the runtime for the app's port of `original` (host, port); one without
@@ -216,7 +214,7 @@ class InboundApps:
         host, port = original
         app_host = self.proxy.settings.app_host
         if ":" in host and app_host == IPV4_LOOPBACK:
-            app_host = self._ipv6_app_host(port)
+            app_host = self.app_loopback.host(port)
         key = (app_host, port)
         runtime = self.runtimes.get(key)
         if runtime is None:
@@ -226,17 +224,6 @@ class InboundApps:
                     endpoint.pool.close_idle()
             runtime = self.runtimes[key] = self._runtime(app_host, port, None)
         return runtime
-
-    def _ipv6_app_host(self, port: int) -> str:
-        now = self.proxy.loop.time()
-        known = self._ipv6_hosts.get(port)
-        if known is not None and now - known[1] < APP_LOOPBACK_TTL:
-            return known[0]
-        if len(self._ipv6_hosts) >= MAX_APP_PORTS:
-            self._ipv6_hosts.clear()
-        host = self.app_loopback(port)
-        self._ipv6_hosts[port] = (host, now)
-        return host
 
     def _runtime(self, host: str, port: int, old: ServiceRuntime | None) -> ServiceRuntime:
         proxy = self.proxy

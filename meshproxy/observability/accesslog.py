@@ -91,7 +91,7 @@ def _path(target: bytes) -> bytes:
 _LINE = (b'{"time":"%s","trace_id":"%s","span_id":"%s","parent_span_id":%s,"request_id":%s,'
          b'"direction":%s,"method":"%s","authority":%s,"path":%s,"upstream":%s,"attempts":%d,'
          b'"status":%d,"duration_ms":%.3f,"bytes_in":%d,"bytes_out":%d,"route":%s,'
-         b'"service":%s,"error":%s}\n')
+         b'"service":%s,"error":%s,"peer":%s}\n')
 
 
 def format_line(clock: _Clock, strings: dict, wall: float, trace_id: bytes, span_id: bytes,
@@ -112,9 +112,10 @@ def format_line(clock: _Clock, strings: dict, wall: float, trace_id: bytes, span
         _text(_path(target)) if target is not None else b"null", strings[upstream], attempts,
         status, duration * 1000.0, bytes_in, bytes_out, strings[route], strings[service],
         strings[error],
+        # Not through `strings`: client addresses are too many to keep.
+        _quote(peer).encode("ascii") if peer is not None else b"null",
     )
-    # Not through `strings`: client addresses are too many to keep.
-    return b'%s,"peer":%s}\n' % (line[:-2], _quote(peer).encode("ascii") if peer is not None else b"null")
+    return line
 
 
 class AccessLog:

@@ -16,9 +16,8 @@ import pytest
 from meshproxy.config.loader import load_text
 from meshproxy.dataplane.destinations import Destinations
 from meshproxy.dataplane.dualstack import counterpart, listen_ipv6
-from meshproxy.dataplane.loopback import app_loopback, listens_on_ipv6_loopback
+from meshproxy.dataplane.loopback import AppLoopback, ipv6_loopback_ports, read_ipv6_loopback_ports
 from meshproxy.dataplane.redirected import (
-    APP_LOOPBACK_TTL,
     InboundApps,
     OriginalDestinations,
     for_this_pod,
@@ -87,34 +86,46 @@ TCP6 = """\
 
 
 def test_the_apps_ipv6_loopback_listeners_are_read_from_the_kernels_table() -> None:
-    assert listens_on_ipv6_loopback(TCP6, 19000, "little")  # [::1]
-    assert listens_on_ipv6_loopback(TCP6, 18082, "little")  # [::]
-    assert not listens_on_ipv6_loopback(TCP6, 9000, "little")  # the pod's address only
-    assert not listens_on_ipv6_loopback(TCP6, 59912, "little")  # a connection, not a listener
-    assert not listens_on_ipv6_loopback(TCP6, 8080, "little")
+    ports = ipv6_loopback_ports(TCP6.splitlines(), "little")
+    # [::1]:19000 and [::]:18082; not [fd00::2]:9000 (the pod's address only), not a connection
+    assert ports == {19000, 18082}
     # a big-endian kernel writes the words as they are
     big = TCP6.replace("00000000000000000000000001000000:4A38",
                        "00000000000000000000000000000001:4A38")
-    assert listens_on_ipv6_loopback(big, 19000, "big")
-    assert not listens_on_ipv6_loopback("garbage\n 0: zz:4A38 x 0A\n", 19000, "little")
+    assert 19000 in ipv6_loopback_ports(big.splitlines(), "big")
+    assert ipv6_loopback_ports(["heading", " 0: zz:4A38 x 0A"], "little") == frozenset()
 
 
-def test_app_loopback_falls_back_to_ipv4(tmp_path) -> None:
+def test_reading_stops_at_the_first_socket_that_is_not_listening() -> None:
+    """Listeners come first in the kernel's table: a pod with many connections must not make
+    every look-up read them all (it runs on the event loop)."""
+    read = []
+
+    def lines():
+        for line in TCP6.splitlines():
+            read.append(line)
+            yield line
+        raise AssertionError("read past the listeners")  # never reached: connections follow
+
+    assert ipv6_loopback_ports(lines(), "little") == {19000, 18082}
+    assert len(read) == 5  # the heading, three listeners, the first connection
+
+
+def test_the_table_is_read_from_proc(tmp_path) -> None:
     table = tmp_path / "tcp6"
     table.write_text(TCP6)
     # (this machine's byte order: the sample is little-endian, as on x86 and arm64)
-    assert app_loopback(18082, str(table)) == "::1"
-    assert app_loopback(8080, str(table)) == "127.0.0.1"
-    assert app_loopback(18082, str(tmp_path / "missing")) == "127.0.0.1"  # no IPv6 at all
+    assert read_ipv6_loopback_ports(str(table)) == {19000, 18082}
+    assert read_ipv6_loopback_ports(str(tmp_path / "missing")) == frozenset()  # no IPv6 at all
 
 
-def inbound_apps(app_host: str = "127.0.0.1", answers: dict | None = None):
+def inbound_apps(app_host: str = "127.0.0.1", ports: frozenset = frozenset()):
     clock = [0.0]
-    asked: list[int] = []
+    reads: list[float] = []
 
-    def loopback(port: int) -> str:
-        asked.append(port)
-        return (answers or {}).get(port, "127.0.0.1")
+    def read() -> frozenset:
+        reads.append(clock[0])
+        return ports
 
     d = destinations()
     proxy = SimpleNamespace(
@@ -123,30 +134,39 @@ def inbound_apps(app_host: str = "127.0.0.1", answers: dict | None = None):
                                  health_port=15021),
         destinations=d, metrics=d.metrics, rng=random.Random(1),
         loop=SimpleNamespace(time=lambda: clock[0]))
-    return InboundApps(proxy, app_loopback=loopback), clock, asked
+    return InboundApps(proxy, AppLoopback(lambda: clock[0], read)), clock, reads
 
 
 def test_an_ipv6_connection_reaches_the_app_on_ipv6_loopback_when_it_listens_there() -> None:
-    apps, clock, asked = inbound_apps(answers={8082: "::1"})
+    apps, clock, reads = inbound_apps(ports=frozenset({8082}))
     assert [e.host for e in apps.at(("fd00:200::2", 8082)).endpoints] == ["::1"]
     assert [e.host for e in apps.at(("fd00:200::2", 8080)).endpoints] == ["127.0.0.1"]
     # IPv4 connections go to 127.0.0.1 without asking
     assert [e.host for e in apps.at(("10.1.0.5", 8082)).endpoints] == ["127.0.0.1"]
-    assert asked == [8082, 8080]
-    # the answer is kept for a while, then asked again (the app may have restarted)
-    runtime = apps.at(("fd00:200::2", 8082))
-    assert apps.at(("fd00:200::2", 8082)) is runtime and asked == [8082, 8080]
-    clock[0] += APP_LOOPBACK_TTL
-    apps.at(("fd00:200::2", 8082))
-    assert asked == [8082, 8080, 8082]
+    assert reads == [0.0]  # one read of the table for every port
     # the proxy's own ports are never a destination
     assert apps.at(("fd00:200::2", 15001)).endpoints == []
 
 
+def test_the_table_is_read_again_when_old_and_sooner_for_a_port_not_in_it() -> None:
+    apps, clock, reads = inbound_apps(ports=frozenset({8082}))
+    apps.at(("fd00:200::2", 8082))
+    clock[0] = 0.4
+    apps.at(("fd00:200::2", 8082)), apps.at(("fd00:200::2", 9000))
+    assert reads == [0.0]  # a port not listening: not asked again within half a second
+    clock[0] = 0.6
+    for port in range(9000, 9100):  # a scan of ports: one read, not one per port
+        apps.at(("fd00:200::2", port))
+    assert reads == [0.0, 0.6]
+    clock[0] = 5.7
+    apps.at(("fd00:200::2", 8082))  # a hit, but the table is 5 s old: the app may have restarted
+    assert reads == [0.0, 0.6, 5.7]
+
+
 def test_an_app_host_that_was_given_is_used_for_both_families() -> None:
-    apps, _, asked = inbound_apps(app_host="10.1.0.5", answers={8082: "::1"})
+    apps, _, reads = inbound_apps(app_host="10.1.0.5", ports=frozenset({8082}))
     assert [e.host for e in apps.at(("fd00:200::2", 8082)).endpoints] == ["10.1.0.5"]
-    assert asked == []
+    assert reads == []
 
 
 def test_the_ipv6_counterparts_of_the_default_binds() -> None:
@@ -179,6 +199,52 @@ def test_a_host_without_ipv6_starts_on_ipv4_only(caplog) -> None:
     with pytest.raises(OSError) as raised:
         asyncio.run(listen_ipv6([bind("inbound", errno.EADDRINUSE)]))
     assert raised.value.errno == errno.EADDRINUSE
+
+
+def test_a_kernel_booted_without_ipv6_is_found_before_any_listener(caplog, monkeypatch) -> None:
+    """With ipv6.disable=1, "::1" still resolves and create_server returns a server with no
+    socket instead of failing: the kernel is asked first."""
+    import meshproxy.dataplane.dualstack as dualstack
+
+    real = dualstack.socket.socket
+
+    def no_ipv6(family=-1, *args, **kwargs):
+        if family == dualstack.socket.AF_INET6:
+            raise OSError(errno.EAFNOSUPPORT, "Address family not supported by protocol")
+        return real(family, *args, **kwargs)
+
+    monkeypatch.setattr(dualstack.socket, "socket", no_ipv6)
+    caplog.set_level(logging.INFO, "meshproxy.proxy")
+    tried: list[str] = []
+
+    async def start() -> None:
+        tried.append("outbound")
+
+    assert asyncio.run(listen_ipv6([("outbound", start)])) == [] and tried == []
+    assert "Address family not supported" in caplog.records[-1].getMessage()
+
+
+def test_a_listener_that_gets_no_socket_says_so() -> None:
+    from meshproxy.dataplane.listener import Listener
+
+    class NoSockets:
+        sockets: list = []
+        closed = False
+
+        def close(self) -> None:
+            self.closed = True
+
+    server = NoSockets()
+
+    async def create_server(*args, **kwargs):
+        return server
+
+    listener = Listener.__new__(Listener)
+    listener.loop = SimpleNamespace(create_server=create_server)
+    listener.protocol_factory = object
+    with pytest.raises(OSError) as raised:
+        asyncio.run(listener.start("::1", 15001))
+    assert raised.value.errno == errno.EAFNOSUPPORT and server.closed
 
 
 def test_pod_ips_come_from_the_flag_or_the_environment(monkeypatch) -> None:
