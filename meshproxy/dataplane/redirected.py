@@ -115,11 +115,13 @@ class OriginalDestinations:
         runtime = self._cache.get(key)
         if runtime is not None:
             return runtime
-        service_key = self._vips.get(key)
+        # Services and instances are known by address alone (a link-local one's scope is the
+        # connection's, not theirs).
+        service_key = self._vips.get((host.partition("%")[0], port))
         if service_key is not None:
             runtime = destinations.services.get(service_key)
         else:
-            found = self._instances.get(key)
+            found = self._instances.get((host.partition("%")[0], port))
             if found is not None:
                 # Every address of an instance shares one pinned runtime (and retry budget).
                 service, instance = found

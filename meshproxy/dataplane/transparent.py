@@ -69,7 +69,10 @@ def original_of(sock) -> tuple[str, int] | None:
         return None
     if port == local[1] and canonical_ip(host) == canonical_ip(local[0]):
         return None
-    return canonical_ip(host), port
+    # A link-local destination keeps its interface (`fe80::1%eth0`): without it the address
+    # names no one host, and the passthrough connection would fail.
+    scope = host.partition("%")[2]
+    return canonical_ip(host) + (f"%{scope}" if scope else ""), port
 
 
 class TransparentDownstream(DownstreamConnection):

@@ -32,15 +32,28 @@ def original_destination(sock: socket.socket) -> tuple[str, int]:
     or the socket is not TCP over IPv4/IPv6."""
     if sock.family == socket.AF_INET6 and not _is_v4_mapped(sock):
         raw = sock.getsockopt(_SOL_IPV6, IP6T_SO_ORIGINAL_DST, _SOCKADDR_IN6)
-        port = struct.unpack_from("!H", raw, 2)[0]
-        host = socket.inet_ntop(socket.AF_INET6, raw[8:24])
-        return host, port
+        return sockaddr_in6(raw)
     if sock.family in (socket.AF_INET, socket.AF_INET6):
         raw = sock.getsockopt(_SOL_IP, SO_ORIGINAL_DST, _SOCKADDR_IN)
         port = struct.unpack_from("!H", raw, 2)[0]
         host = socket.inet_ntop(socket.AF_INET, raw[4:8])
         return host, port
     raise OSError(f"no original destination for a socket of family {sock.family!r}")
+
+
+def sockaddr_in6(raw: bytes) -> tuple[str, int]:
+    """Return `(host, port)` of a struct sockaddr_in6. A link-local address keeps its scope
+    (`fe80::1%eth0`): without the interface it names no one host, and a connection to it
+    fails."""
+    port = struct.unpack_from("!H", raw, 2)[0]
+    host = socket.inet_ntop(socket.AF_INET6, raw[8:24])
+    scope = struct.unpack_from("=I", raw, 24)[0]  # host byte order, as the kernel writes it
+    if scope and ipaddress.IPv6Address(host).is_link_local:
+        try:
+            host = f"{host}%{socket.if_indextoname(scope)}"
+        except OSError:
+            host = f"{host}%{scope}"
+    return host, port
 
 
 def _is_v4_mapped(sock: socket.socket) -> bool:
