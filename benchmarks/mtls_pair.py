@@ -31,10 +31,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shlex
 import shutil
-import signal
 import sys
 import tempfile
 import time
@@ -44,7 +42,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from harness.cli import (add_common_arguments, add_noise_arguments, check_pinning,  # noqa: E402
-                         progress, stop_on_signals)
+                         progress, start_run)
 from harness.mtls_measure import MeasureFailed, Settings, measure  # noqa: E402
 from harness.mtls_report import markdown, summarise  # noqa: E402
 from harness.mtls_stack import MeasuredPath, Stack  # noqa: E402
@@ -186,15 +184,8 @@ def run_rounds(args: argparse.Namespace, stack: Stack, workdir: Path,
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     needed = ["nginx"] + ([] if args.no_pin else ["taskset"])
-    missing = [tool for tool in needed if shutil.which(tool) is None]
-    if missing:
-        print(f"missing programs: {', '.join(missing)} (see benchmarks/README.md)",
-              file=sys.stderr)
+    if not start_run(args, needed):
         return 2
-    if args.load_cpu is not None:
-        os.sched_setaffinity(0, {args.load_cpu})
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    stop_on_signals()
     with open("/proc/loadavg") as f:
         loadavg_before = " ".join(f.read().split()[:3])
     busy_before = busy_over(1.0)

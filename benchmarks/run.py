@@ -15,10 +15,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shlex
 import shutil
-import signal
 import sys
 import tempfile
 from datetime import datetime, timezone
@@ -27,7 +25,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from harness.cli import (add_common_arguments, add_noise_arguments, check_pinning,  # noqa: E402
-                         progress, stop_on_signals)
+                         progress, start_run)
 from harness.cases import (ALL_CASES, MIB, REQUEST_CASES, LoadFailed,  # noqa: E402
                            LoadSettings, measure_requests, measure_stream)
 from harness.procs import Supervisor, busy_over, log_tail  # noqa: E402
@@ -85,8 +83,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def check_tools(args: argparse.Namespace) -> list[str]:
-    """Return the names of required programs missing from PATH."""
+def check_tools(args: argparse.Namespace) -> set[str]:
+    """Return the names of the programs this run needs."""
     needed = {"nginx", "curl"}
     if any(c in REQUEST_CASES for c in args.cases):
         needed.add("wrk")
@@ -94,7 +92,7 @@ def check_tools(args: argparse.Namespace) -> list[str]:
         needed.add("haproxy")
     if not args.no_pin:
         needed.add("taskset")
-    return sorted(tool for tool in needed if shutil.which(tool) is None)
+    return needed
 
 
 def _describe(result: dict) -> str:
@@ -209,17 +207,8 @@ def _clean_workdir(workdir: Path, keep: bool) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark; return 0 when every target produced numbers, 1 otherwise."""
     args = parse_args(argv)
-    missing = check_tools(args)
-    if missing:
-        print(f"missing programs: {', '.join(missing)} (see benchmarks/README.md)",
-              file=sys.stderr)
+    if not start_run(args, check_tools(args)):
         return 2
-    if args.load_cpu is not None:
-        # This script's own work (sampling /proc) stays off the proxies' core.
-        os.sched_setaffinity(0, {args.load_cpu})
-    # A shell starts background jobs with SIGINT ignored; Ctrl-C and `kill -INT` must still work.
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    stop_on_signals()
     busy_before = busy_over(1.0)
     if max(busy_before.values(), default=0.0) > QUIET_PCT:
         progress("warning: the machine is not quiet (" + ", ".join(

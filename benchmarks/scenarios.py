@@ -21,10 +21,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shlex
 import shutil
-import signal
 import sys
 import tempfile
 from datetime import datetime, timezone
@@ -32,7 +30,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from harness.cli import add_common_arguments, check_pinning, progress, stop_on_signals  # noqa: E402
+from harness.cli import add_common_arguments, check_pinning, progress, start_run  # noqa: E402
 from harness.procs import Supervisor, busy_over  # noqa: E402
 from harness.report import machine_facts  # noqa: E402
 from harness.scenario_cases import CASE_KEYS, SCENARIOS, select  # noqa: E402
@@ -115,15 +113,8 @@ def main(argv: list[str] | None = None) -> int:
     needed = {"nginx"} if any(c.proxy == "nginx" for c in cases) else set()
     if not args.no_pin:
         needed.add("taskset")
-    missing = sorted(tool for tool in needed if shutil.which(tool) is None)
-    if missing:
-        print(f"missing programs: {', '.join(missing)} (see benchmarks/README.md)",
-              file=sys.stderr)
+    if not start_run(args, needed):
         return 2
-    if args.load_cpu is not None:
-        os.sched_setaffinity(0, {args.load_cpu})
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    stop_on_signals()
     busy_before = busy_over(1.0)
     if max(busy_before.values(), default=0.0) > QUIET_PCT:
         progress("warning: the machine is not quiet (" + ", ".join(

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
+import shutil
 import signal
 import sys
 from pathlib import Path
@@ -51,6 +52,23 @@ def check_pinning(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         if cpu not in usable:
             p.error(f"{flag} {cpu} is not one of the usable cores {sorted(usable)}; "
                     "pick others or pass --no-pin")
+
+
+def start_run(args: argparse.Namespace, needed: set[str] | list[str]) -> bool:
+    """What every benchmark does before it measures: check that the programs `needed` are on
+    PATH (False, having said which are missing, when not); pin this script to the load core so
+    its own work (sampling /proc, the load generator) stays off the proxies' core; let Ctrl-C
+    and `kill -INT` work (a shell starts background jobs with SIGINT ignored); and turn SIGTERM
+    and SIGHUP into SystemExit."""
+    missing = sorted(tool for tool in set(needed) if shutil.which(tool) is None)
+    if missing:
+        print(f"missing programs: {', '.join(missing)} (see benchmarks/README.md)", file=sys.stderr)
+        return False
+    if args.load_cpu is not None:
+        os.sched_setaffinity(0, {args.load_cpu})
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    stop_on_signals()
+    return True
 
 
 def stop_on_signals() -> None:
