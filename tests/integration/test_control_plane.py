@@ -118,9 +118,13 @@ def test_traffic_goes_on_without_the_control_plane_and_proxies_reconnect(tmp_pat
     for proxy in two_proxies:
         assert proxy.admin_get("/ready")[0] == 200  # still serving with the last snapshot
     _replace(mesh_dir / "route.yaml", HEADER_ROUTE % "back")
-    ControlProcess(tmp_path, [mesh_dir], name="control-again").start(port=control.port)
-    wait_for(lambda: all(_get(p).headers.get("x-tag") == "back" for p in two_proxies), timeout=10,
-             what="the proxies back on the control plane, with the change made meanwhile")
+    again = ControlProcess(tmp_path, [mesh_dir], name="control-again")
+    try:
+        again.start(port=control.port)
+        wait_for(lambda: all(_get(p).headers.get("x-tag") == "back" for p in two_proxies), timeout=10,
+                 what="the proxies back on the control plane, with the change made meanwhile")
+    finally:
+        again.stop()
 
 
 def test_a_proxy_is_ready_only_once_it_has_a_snapshot(tmp_path, mesh_dir):
