@@ -41,18 +41,17 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from harness.cli import (add_common_arguments, add_noise_arguments, check_pinning,  # noqa: E402
-                         progress, start_run)
+from harness.cli import (add_common_arguments, add_noise_arguments, busy_before_start,  # noqa: E402
+                         check_pinning, progress, start_run)
 from harness.mtls_measure import MeasureFailed, Settings, measure  # noqa: E402
 from harness.mtls_report import markdown, summarise  # noqa: E402
 from harness.mtls_stack import MeasuredPath, Stack  # noqa: E402
-from harness.procs import Supervisor, busy_over, log_tail  # noqa: E402
+from harness.procs import Supervisor, log_tail  # noqa: E402
 from harness.report import machine_facts  # noqa: E402
 from harness.targets import TargetFailed  # noqa: E402
 
 ALL_PATHS = ("direct", "nginx", "meshproxy")
 DEFAULT_OUT = Path(__file__).resolve().parent / "out" / "mtls_pair.md"
-QUIET_PCT = 10.0
 
 
 def _paths(text: str) -> list[str]:
@@ -188,11 +187,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     with open("/proc/loadavg") as f:
         loadavg_before = " ".join(f.read().split()[:3])
-    busy_before = busy_over(1.0)
-    if max(busy_before.values(), default=0.0) > QUIET_PCT:
-        progress("warning: the machine is not quiet (" + ", ".join(
-            f"CPU {cpu} {pct:.0f} % busy" for cpu, pct in sorted(busy_before.items()))
-            + " before anything started); numbers will be noisy")
+    busy_before = busy_before_start()
     command = shlex.join(["python", *sys.argv]) if argv is None else shlex.join(argv)
     started = datetime.now(timezone.utc)
     workdir = Path(tempfile.mkdtemp(prefix="meshproxy-mtls-"))

@@ -24,17 +24,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from harness.cli import (add_common_arguments, add_noise_arguments, check_pinning,  # noqa: E402
-                         progress, start_run)
+from harness.cli import (add_common_arguments, add_noise_arguments, busy_before_start,  # noqa: E402
+                         check_pinning, progress, start_run)
 from harness.cases import (ALL_CASES, MIB, REQUEST_CASES, LoadFailed,  # noqa: E402
                            LoadSettings, measure_requests, measure_stream)
-from harness.procs import Supervisor, busy_over, log_tail  # noqa: E402
+from harness.procs import Supervisor, log_tail  # noqa: E402
 from harness.report import machine_facts, markdown, summarise  # noqa: E402
 from harness.targets import ALL_TARGETS, Endpoint, Stack, TargetFailed  # noqa: E402
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "out" / "latest.md"
 # Busy share of a core, before anything starts, above which the run is flagged as noisy.
-QUIET_PCT = 10.0
 
 
 def _csv(allowed: tuple[str, ...]):
@@ -209,11 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if not start_run(args, check_tools(args)):
         return 2
-    busy_before = busy_over(1.0)
-    if max(busy_before.values(), default=0.0) > QUIET_PCT:
-        progress("warning: the machine is not quiet (" + ", ".join(
-            f"CPU {cpu} {pct:.0f} % busy" for cpu, pct in sorted(busy_before.items()))
-            + " before anything started); numbers will be noisy")
+    busy_before = busy_before_start()
     command = shlex.join(["python", *sys.argv]) if argv is None else shlex.join(argv)
     started = datetime.now(timezone.utc)
     workdir = Path(tempfile.mkdtemp(prefix="meshproxy-bench-"))

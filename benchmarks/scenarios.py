@@ -30,15 +30,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from harness.cli import add_common_arguments, check_pinning, progress, start_run  # noqa: E402
-from harness.procs import Supervisor, busy_over  # noqa: E402
+from harness.cli import (add_common_arguments, busy_before_start, check_pinning, progress,  # noqa: E402
+                         start_run)
+from harness.procs import Supervisor  # noqa: E402
 from harness.report import machine_facts  # noqa: E402
 from harness.scenario_cases import CASE_KEYS, SCENARIOS, select  # noqa: E402
 from harness.scenario_report import markdown  # noqa: E402
 from harness.scenario_run import CaseRun, RunSettings  # noqa: E402
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "out" / "scenarios.md"
-QUIET_PCT = 10.0
 MACHINE_KEYS = ("nproc", "cpu", "kernel", "python", "nginx", "meshproxy", "git")
 
 
@@ -115,11 +115,7 @@ def main(argv: list[str] | None = None) -> int:
         needed.add("taskset")
     if not start_run(args, needed):
         return 2
-    busy_before = busy_over(1.0)
-    if max(busy_before.values(), default=0.0) > QUIET_PCT:
-        progress("warning: the machine is not quiet (" + ", ".join(
-            f"CPU {cpu} {pct:.0f} % busy" for cpu, pct in sorted(busy_before.items()))
-            + " before anything started); numbers will be noisy")
+    busy_before = busy_before_start()
     command = shlex.join(["python", *sys.argv]) if argv is None else shlex.join(
         ["python", "benchmarks/scenarios.py", *argv])
     started = datetime.now(timezone.utc)

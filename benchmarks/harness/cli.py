@@ -71,6 +71,22 @@ def start_run(args: argparse.Namespace, needed: set[str] | list[str]) -> bool:
     return True
 
 
+QUIET_PCT = 10.0  # a core busier than this before a run starts makes its numbers noisy
+
+
+def busy_before_start() -> dict:
+    """Sample each core for a second before anything starts; warn when one is over QUIET_PCT.
+    Return {core: percent busy}, which the reports print."""
+    from harness.procs import busy_over
+
+    busy = busy_over(1.0)
+    if max(busy.values(), default=0.0) > QUIET_PCT:
+        progress("warning: the machine is not quiet (" + ", ".join(
+            f"CPU {cpu} {pct:.0f} % busy" for cpu, pct in sorted(busy.items()))
+            + " before anything started); numbers will be noisy")
+    return busy
+
+
 def stop_on_signals() -> None:
     """Turn SIGTERM and SIGHUP into SystemExit, so that `finally` blocks stop the servers
     a run started."""
