@@ -14,6 +14,7 @@ import socket
 from collections import deque
 from typing import TYPE_CHECKING
 
+from meshproxy.config.model.mesh import join_host_port
 from meshproxy.dataplane.exchange import Exchange
 from meshproxy.dataplane.tls import peer_identity
 from meshproxy.http1.errors import HeaderTimeout, ProxyError, error_response
@@ -366,8 +367,7 @@ class DownstreamConnection(asyncio.Protocol):
             peer = self.transport.get_extra_info("peername") if self.transport is not None else None
             if not isinstance(peer, tuple) or len(peer) < 2:
                 return None
-            host = peer[0]
-            self._peer_address = f"[{host}]:{peer[1]}" if ":" in host else f"{host}:{peer[1]}"
+            self._peer_address = join_host_port(peer[0], peer[1])
         return self._peer_address
 
     def _close(self) -> None:
