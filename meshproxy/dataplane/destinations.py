@@ -11,6 +11,7 @@ import asyncio
 import random
 from typing import Callable
 
+from meshproxy.config import Snapshot
 from meshproxy.config.model.mesh import join_host_port
 from meshproxy.dataplane.tls import TLSState
 from meshproxy.dataplane.upstream import ConnectionPool
@@ -55,38 +56,48 @@ class EndpointRuntime:
         }
 
 
+class OutboundRules:
+    """What calls to another Service get and the local app (inbound) does not: the circuit
+    breaker, the retry budget and rule, the request and per-try timeouts, and the limits on
+    connections being opened and open (spec §3)."""
+
+    __slots__ = ("breaker", "budget", "retry_rule", "request_timeout", "per_try_timeout",
+                 "max_pending", "max_connections")
+
+    def __init__(self, policy, breaker: CircuitBreaker, budget: RetryBudget) -> None:
+        self.breaker = breaker
+        self.budget = budget
+        self.retry_rule = RetryRule.from_policy(policy.retry)
+        self.request_timeout = policy.timeouts.request
+        self.per_try_timeout = policy.timeouts.per_try
+        self.max_pending = policy.connection_pool.max_pending_requests
+        self.max_connections = policy.connection_pool.max_connections
+
+
 class ServiceRuntime:
     """A Service as the data plane sees it: name, policy, endpoints, balancer and routes, and
-    for outbound traffic its resilience state: circuit breaker, retry budget and limits."""
+    for outbound traffic its OutboundRules (None for the local app)."""
 
     __slots__ = ("key", "policy", "endpoints", "balancer", "routes", "port", "keys", "by_key",
-                 "breaker", "budget", "retry_rule", "active", "connecting", "max_requests",
-                 "max_pending", "max_connections", "request_timeout", "per_try_timeout")
+                 "outbound", "breaker", "active", "connecting", "max_requests")
 
     def __init__(self, key: str, policy, endpoints: list[EndpointRuntime], balancer,
                  routes: RouteTable | None = None, port: int = 80, *,
-                 breaker: CircuitBreaker | None = None, budget: RetryBudget | None = None) -> None:
+                 outbound: OutboundRules | None = None) -> None:
         self.key = key
         self.policy = policy
         self.endpoints = endpoints
         self.keys = [e.key for e in endpoints]
         self.by_key = {e.key: e for e in endpoints}
         self.balancer = balancer
-        # Retries and ejection apply to calls to other Services; inbound (the local app)
-        # has neither, and then these are None.
-        self.breaker = breaker
-        self.budget = budget
-        self.retry_rule = RetryRule.from_policy(policy.retry) if budget is not None else None
-        if breaker is not None:
-            breaker.forget(self.keys)
-        pool = policy.connection_pool
+        self.outbound = outbound
+        # outbound.breaker, read on every pick; None for the local app.
+        self.breaker = outbound.breaker if outbound is not None else None
+        if self.breaker is not None:
+            self.breaker.forget(self.keys)
         self.active = 0  # requests in flight (maxRequests)
         self.connecting = 0  # connections being opened (maxPendingRequests)
-        self.max_requests = pool.max_requests
-        self.max_pending = pool.max_pending_requests
-        self.max_connections = pool.max_connections
-        self.request_timeout = policy.timeouts.request
-        self.per_try_timeout = policy.timeouts.per_try
+        self.max_requests = policy.connection_pool.max_requests
         # HTTPRoutes attached to this Service (outbound only); None rather than an empty table,
         # so the check on every request is a plain None test.
         self.routes = routes
@@ -135,13 +146,14 @@ class ServiceRuntime:
         """Return True when no new upstream connection may be opened now (spec §3 limits):
         `maxPendingRequests` connections are being opened, or `maxConnections` are open or
         being opened and none of them is idle. When one is idle, the longest-idle one is
-        closed to make room and this returns False. Outbound only: the local app (a runtime
-        without a retry budget) has no limits."""
-        if self.budget is None:
+        closed to make room and this returns False. Outbound only: the local app has no
+        limits."""
+        outbound = self.outbound
+        if outbound is None:
             return False
         # Connections being opened count too, or a burst would open past the limit.
-        return (self.connecting >= self.max_pending
-                or (self.open_connections() + self.connecting >= self.max_connections
+        return (self.connecting >= outbound.max_pending
+                or (self.open_connections() + self.connecting >= outbound.max_connections
                     and not self.free_idle_connection()))
 
     def free_idle_connection(self) -> bool:
@@ -153,6 +165,19 @@ class ServiceRuntime:
             if idle and (oldest is None or idle[0].idle_since < oldest.idle[0].idle_since):
                 oldest = e.pool
         return oldest is not None and oldest.close_oldest_idle()
+
+    def record_outcome(self, endpoint_key: str, success: bool, metrics) -> None:
+        """Tell the circuit breaker how a try (or a TCP connect) to `endpoint_key` went, and
+        keep the ejection counter and endpoint gauges in step. Nothing for the local app."""
+        breaker = self.breaker
+        if breaker is None:
+            return
+        was_ready = breaker.all_ready
+        if breaker.record(endpoint_key, success):
+            metrics.endpoint_ejected(self.key, endpoint_key)
+            was_ready = not breaker.all_ready  # force the gauge update below
+        if was_ready != breaker.all_ready or not breaker.all_ready:
+            metrics.set_endpoints(self.key, *breaker.counts())
 
     def to_json(self, now: float) -> dict:
         endpoints = []
@@ -166,8 +191,8 @@ class ServiceRuntime:
                     entry["ejected_for_seconds"] = round(max(health.ejected_until - now, 0.0), 3)
             endpoints.append(entry)
         data = {"service": self.key, "endpoints": endpoints, "active_requests": self.active}
-        if self.budget is not None:
-            data["retry_budget_remaining"] = round(self.budget.remaining(), 2)
+        if self.outbound is not None:
+            data["retry_budget_remaining"] = round(self.outbound.budget.remaining(), 2)
         return data
 
 
@@ -198,7 +223,7 @@ class Destinations:
         self.metrics = metrics
         self.rng = rng
         self.clock = clock
-        self.snapshot = None
+        self.snapshot: Snapshot = Snapshot()  # apply() puts the first one in force
         self.services: dict[str, ServiceRuntime] = {}
         self._endpoints: dict[tuple, EndpointRuntime] = {}
         self.passthrough: dict[tuple[str, int], ServiceRuntime] = {}
@@ -222,11 +247,10 @@ class Destinations:
                 runtimes.append(endpoint)
             balancer = make_balancer(policy.load_balancer.type, self.rng)
             routes = snapshot.routes_for(key)
-            old = self.services.get(key)
-            breaker, budget = self._resilience(old, policy)
             services[key] = ServiceRuntime(key, policy, runtimes, balancer,
                                            RouteTable(routes) if routes else None,
-                                           service.port, breaker=breaker, budget=budget)
+                                           service.port,
+                                           outbound=self.outbound_rules(self.services.get(key), policy))
         for ident, endpoint in self._endpoints.items():
             if ident not in endpoints:
                 endpoint.pool.close_idle()
@@ -243,13 +267,15 @@ class Destinations:
                 endpoint.pool.close_idle()
         self.passthrough = {}
 
-    def _resilience(self, old: ServiceRuntime | None, policy) -> tuple:
-        """The breaker and retry budget for a Service: kept across snapshots while its
-        policy stays the same (ejections and the budget's window survive a reload)."""
-        if old is not None and old.breaker is not None and old.policy == policy:
-            return old.breaker, old.budget
-        return (CircuitBreaker.from_policy(policy.circuit_breaker, self.clock, self.rng),
-                RetryBudget.from_policy(policy.retry.budget, self.clock))
+    def outbound_rules(self, old: ServiceRuntime | None, policy) -> OutboundRules:
+        """The OutboundRules for calls to a Service: `old`'s (the same Service in the last
+        snapshot) while its policy stays the same, so that ejections and the budget's window
+        survive a reload; else new ones."""
+        if old is not None and old.outbound is not None and old.policy == policy:
+            return old.outbound
+        return OutboundRules(policy,
+                             CircuitBreaker.from_policy(policy.circuit_breaker, self.clock, self.rng),
+                             RetryBudget.from_policy(policy.retry.budget, self.clock))
 
     def _endpoint(self, service_key: str, host: str, port: int, meshed: bool, instance: str,
                   policy, expected_id: str | None = None) -> EndpointRuntime:
@@ -282,10 +308,9 @@ class Destinations:
                     endpoint.pool.close_idle()
             policy = self.snapshot.policy_for(join_host_port(host, port))
             endpoint = self._endpoint(join_host_port(host, port), host, port, False, "", policy)
-            breaker, budget = self._resilience(None, policy)
             runtime = ServiceRuntime(join_host_port(host, port), policy, [endpoint],
                                      make_balancer("RoundRobin", self.rng),
-                                     breaker=breaker, budget=budget)
+                                     outbound=self.outbound_rules(None, policy))
             self.passthrough[key] = runtime
         return runtime
 

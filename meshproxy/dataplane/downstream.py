@@ -3,94 +3,72 @@
 It parses requests (sans-I/O reader), runs their exchanges strictly one after another (a
 pipelined request waits, and the client is paused, until the previous response is complete),
 enforces the header-read and idle keep-alive timeouts, passes back-pressure on, and becomes a
-byte tunnel after a successful Upgrade.
+byte tunnel after a successful Upgrade. What its exchanges use of it is the ClientConnection
+base (dataplane/client.py).
 """
 
 from __future__ import annotations
 
 import asyncio
-import logging
 import socket
 from collections import deque
-from typing import TYPE_CHECKING
+from typing import Sequence
 
-from meshproxy.config.model.mesh import join_host_port
+from meshproxy.dataplane.client import PAUSE_PIPELINE, ClientConnection
+from meshproxy.dataplane.context import ListenerContext
 from meshproxy.dataplane.exchange import Exchange
 from meshproxy.dataplane.tls import peer_identity
+from meshproxy.dataplane.upstream import UpstreamConnection
 from meshproxy.http1.errors import HeaderTimeout, ProxyError, error_response
 from meshproxy.http1.events import END_OF_MESSAGE, RequestHead, Upgrade
 from meshproxy.http1.reader import RequestReader
-
-if TYPE_CHECKING:  # pragma: no cover
-    from meshproxy.dataplane.listener import Listener
-    from meshproxy.dataplane.upstream import UpstreamConnection
-
-log = logging.getLogger("meshproxy.downstream")
+from meshproxy.observability.record import RequestRecord
 
 _IDLE, _HEAD, _BUSY = 0, 1, 2
 
 
-class DownstreamConnection(asyncio.Protocol):
-    """A client connection on an inbound or outbound listener."""
+class DownstreamConnection(ClientConnection):
+    """A client connection on an inbound or outbound listener (an asyncio protocol)."""
 
-    PAUSE_PIPELINE = 1  # a request waits behind the one in flight
-    PAUSE_BUFFER = 2  # request bytes wait for the upstream connection
-    PAUSE_UPSTREAM = 4  # the upstream's send buffer is full
-    PAUSE_TUNNEL = 8  # tunnel: the upstream's send buffer is full
+    __slots__ = ("reader", "current", "parsing", "queue", "_state", "_deadline", "_timer",
+                 "_tunnel")
 
-    __slots__ = (
-        "listener", "loop", "resolver", "metrics", "direction", "transport", "reader",
-        "current", "parsing", "queue", "_paused", "_state", "_deadline", "_timer", "_closing",
-        "_writing_paused", "_tunnel", "_eof", "tls", "peer_id", "_peer_address",
-    )
-
-    def __init__(self, listener: "Listener") -> None:
-        self.listener = listener
-        self.loop = listener.loop
-        self.resolver = listener.resolver
-        self.metrics = listener.metrics
-        self.direction = listener.direction
-        self.transport: asyncio.Transport | None = None
-        self.reader = RequestReader()
+    def __init__(self, context: ListenerContext, original: tuple[str, int] | None = None) -> None:
+        super().__init__(context, original)
+        self.reader: RequestReader | None = RequestReader()
         self.current: Exchange | None = None  # the exchange being answered
         self.parsing: Exchange | None = None  # the exchange whose request is being read
         self.queue: deque[Exchange] = deque()  # pipelined requests waiting their turn
-        self._paused = 0
         self._state = _IDLE
         self._deadline = 0.0
-        self._timer: asyncio.TimerHandle | None = None
-        self._closing = False
-        self._writing_paused = False
-        self._tunnel: "UpstreamConnection | None" = None
-        self._eof = False
-        self.tls = False
-        self.peer_id: str | None = None  # the caller's verified SPIFFE ID (inbound mTLS)
-        self._peer_address: str | None = None  # peer_address()'s answer, made once
+        self._timer: asyncio.TimerHandle | None = None  # the connection's one timer
+        self._tunnel: UpstreamConnection | None = None
 
-    # -- asyncio.Protocol ---------------------------------------------------------------------
+    # -- asyncio protocol ----------------------------------------------------------------------
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
+    def connection_made(self, transport: asyncio.Transport) -> None:
+        self.transport = transport
+        context = self.context
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family != socket.AF_UNIX:
             # Heads and small bodies go out in separate writes; Nagle's algorithm would hold
             # the second one back until the client acknowledges the first.
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.listener.connections.add(self)
+        context.connection_opened(self)
         ssl_object = transport.get_extra_info("ssl_object")
         if ssl_object is not None:
             self.tls = True
             self.peer_id = peer_identity(ssl_object)
-            self.metrics.tls_handshake(self.direction, "ok")
-        self.metrics.connection_opened(self.direction, self.tls)
-        self._arm(_IDLE, self.listener.idle_timeout)
+            context.metrics.tls_handshake(context.direction, "ok")
+        context.metrics.connection_opened(context.direction, self.tls)
+        self._arm(_IDLE, context.idle_timeout)
 
     def data_received(self, data: bytes) -> None:
         tunnel = self._tunnel
         if tunnel is not None:
             tunnel.transport.write(data)
             return
-        if self._closing:
+        if self.closing:
             return
         reader = self.reader
         if reader is None:
@@ -103,40 +81,44 @@ class DownstreamConnection(asyncio.Protocol):
                 parsing.request_body(data)
             return
         if self._state == _IDLE:
-            self._arm(_HEAD, self.listener.header_timeout)
+            self._arm(_HEAD, self.context.header_timeout)
         try:
             events = reader.feed(data)
         except ProxyError as exc:
             # Requests that were complete before the bad one are answered first.
             if exc.completed:
                 self._handle(exc.completed)
-            if not self._closing:
+            if not self.closing:
                 self._protocol_error(exc)
             return
         self._handle(events)
 
-    def _handle(self, events: list) -> None:
+    def _handle(self, events: Sequence[object]) -> None:
         for event in events:
-            if event.__class__ is bytes:
-                self.parsing.request_body(event)
+            if isinstance(event, bytes):
+                parsing = self.parsing
+                assert parsing is not None  # body events follow their head
+                parsing.request_body(event)
             elif event is END_OF_MESSAGE:
                 exchange = self.parsing
+                assert exchange is not None
                 exchange.request_end()
                 if not exchange.upgrading:
                     self.parsing = None
-                    if exchange.finished and self.current is None and not self._closing:
+                    if exchange.finished and self.current is None and not self.closing:
                         # It was answered from its head (an error, a redirect) before its end
                         # was read: only now is the connection waiting for the next request.
                         self._arm_for_next()
-            elif event.__class__ is RequestHead:
+            elif isinstance(event, RequestHead):
                 self._on_head(event)
-            elif event.__class__ is Upgrade:
+            elif isinstance(event, Upgrade):
                 # Bytes after an upgrade request belong to the new protocol; they wait in the
                 # exchange until the upstream agrees (101) or refuses.
                 self.reader = None
-                if event.rest:
-                    self.parsing.request_body(event.rest)
-            if self._closing:
+                parsing = self.parsing
+                if event.rest and parsing is not None:
+                    parsing.request_body(event.rest)
+            if self.closing:
                 return
 
     def _on_head(self, head: RequestHead) -> None:
@@ -144,17 +126,17 @@ class DownstreamConnection(asyncio.Protocol):
         self._deadline = 0.0
         exchange = Exchange(self, head)
         self.parsing = exchange
-        if self.listener.draining:
+        if self.context.draining:
             exchange.client_keep_alive = False
         if self.current is None:
             self.current = exchange
             exchange.start()
         else:
             self.queue.append(exchange)
-            self.pause_reading(self.PAUSE_PIPELINE)
+            self.pause_reading(PAUSE_PIPELINE)
 
     def eof_received(self) -> bool:
-        self._eof = True
+        self.eof = True
         tunnel = self._tunnel
         if tunnel is not None:
             tunnel.peer_eof = True
@@ -171,9 +153,9 @@ class DownstreamConnection(asyncio.Protocol):
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._closing = True
-        self.listener.connections.discard(self)
-        self.metrics.connection_closed(self.direction, self.tls)
+        self.closing = True
+        context = self.context
+        context.metrics.connection_closed(context.direction, self.tls)
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -187,83 +169,59 @@ class DownstreamConnection(asyncio.Protocol):
             exchange.downstream_lost()
         self.queue.clear()
         self.current = self.parsing = None
-        self.listener.connection_gone()
+        context.connection_closed(self)
 
     def pause_writing(self) -> None:
         # The client reads slower than the upstream sends: stop reading the upstream.
-        self._writing_paused = True
+        self.writing_paused = True
         upstream = self._tunnel or (self.current.upstream if self.current else None)
         if upstream is not None and upstream.transport is not None:
             upstream.transport.pause_reading()
 
     def resume_writing(self) -> None:
-        self._writing_paused = False
+        self.writing_paused = False
         upstream = self._tunnel or (self.current.upstream if self.current else None)
         if upstream is not None and upstream.transport is not None:
             upstream.transport.resume_reading()
 
-    # -- used by exchanges ------------------------------------------------------------------------
+    # -- what exchanges tell this connection (ClientConnection) --------------------------------
 
-    def write(self, data: bytes) -> None:
-        self.transport.write(data)
-
-    def writelines(self, parts: list) -> None:
-        self.transport.writelines(parts)
-
-    def write_error(self, error: ProxyError, *, keep_alive: bool) -> None:
-        self.transport.write(error_response(error, keep_alive=keep_alive))
-
-    def closing_after_response(self) -> bool:
-        """True when this connection will close after the current response."""
-        return self._closing or self.listener.draining or self._eof
-
-    def pause_reading(self, reason: int) -> None:
-        if not self._paused and self.transport is not None:
-            self.transport.pause_reading()
-        self._paused |= reason
-
-    def resume_reading(self, reason: int) -> None:
-        if not self._paused & reason:
-            return
-        self._paused &= ~reason
-        if not self._paused and self.transport is not None and not self._closing:
-            self.transport.resume_reading()
-
-    def exchange_done(self, exchange: Exchange) -> None:
+    def exchange_done(self, exchange: object) -> None:
         """The current exchange's response is complete: close, or go on to the next request."""
-        if exchange is not self.current:
+        current = self.current
+        if current is None or exchange is not current:
             return
         self.current = None
-        if not exchange.client_keep_alive or self.listener.draining or (
-            self._eof and not self.queue
+        if not current.client_keep_alive or self.context.draining or (
+            self.eof and not self.queue
         ):
             self._close()
             return
         if self.queue:
             self.current = self.queue.popleft()
             if not self.queue:
-                self.resume_reading(self.PAUSE_PIPELINE)
+                self.resume_reading(PAUSE_PIPELINE)
             self.current.start()
             return
-        self.resume_reading(self.PAUSE_PIPELINE)
-        if self.parsing is exchange:
+        self.resume_reading(PAUSE_PIPELINE)
+        if self.parsing is current:
             return  # its request's end is still to be read; the timers start after it
         self._arm_for_next()
 
     def _arm_for_next(self) -> None:
         if self.reader is not None and self.reader.in_message:
-            self._arm(_HEAD, self.listener.header_timeout)
+            self._arm(_HEAD, self.context.header_timeout)
         else:
-            self._arm(_IDLE, self.listener.idle_timeout)
+            self._arm(_IDLE, self.context.idle_timeout)
 
-    def exchange_aborted(self, exchange: Exchange) -> None:
+    def exchange_aborted(self, exchange: object) -> None:
         """The response broke off midway: the client must see the connection fail."""
         self.current = None
-        self._closing = True
+        self.closing = True
         if self.transport is not None:
             self.transport.abort()
 
-    def start_tunnel(self, upstream: "UpstreamConnection", pending: list) -> None:
+    def start_tunnel(self, upstream: UpstreamConnection, pending: list) -> None:
         """After 101: relay bytes both ways until either side closes."""
         self.current = self.parsing = None
         self._state = _BUSY
@@ -272,9 +230,9 @@ class DownstreamConnection(asyncio.Protocol):
         upstream.tunnel_peer = self.transport
         if pending:
             upstream.transport.writelines(pending)
-        self._paused = 0
+        self.paused = 0
         self.transport.resume_reading()
-        if self._writing_paused:
+        if self.writing_paused:
             upstream.transport.pause_reading()
 
     def close_if_idle(self) -> None:
@@ -296,11 +254,11 @@ class DownstreamConnection(asyncio.Protocol):
         elif self.parsing is self.current:
             # The request being forwarded has a broken body: stop it upstream and answer 400
             # (or cut the connection if its response has already started).
-            self._closing = True
+            self.closing = True
             self.current.fail(error)
         else:
             # Answer the complete requests before the bad one, then close; the bad one is
-            # never forwarded (nor is a queued one whose body turned out bad). Not _closing
+            # never forwarded (nor is a queued one whose body turned out bad). Not closing
             # yet: that would make the earlier responses say `connection: close` and end the
             # connection after the first of them.
             bad = self.parsing
@@ -312,29 +270,27 @@ class DownstreamConnection(asyncio.Protocol):
             last.client_keep_alive = False
 
     def _arm(self, state: int, timeout: float) -> None:
-        # One timer per connection, never cancelled: it is set at most `_tick` ahead (the
+        # One timer per connection, never cancelled: it is set at most `tick` ahead (the
         # shorter of the two timeouts) and, when it fires early, re-set for the deadline. A
         # deadline then only ever moves by assignment, even from idle (75 s) to a new head
         # (10 s) on every request of a keep-alive connection.
         self._state = state
-        now = self.loop.time()
+        loop = self.context.loop
+        now = loop.time()
         self._deadline = now + timeout
         if self._timer is None:
-            self._timer = self.loop.call_at(min(self._deadline, now + self._tick()),
-                                            self._on_timer)
-
-    def _tick(self) -> float:
-        listener = self.listener
-        return min(listener.header_timeout, listener.idle_timeout)
+            self._timer = loop.call_at(min(self._deadline, now + self.context.tick),
+                                       self._on_timer)
 
     def _on_timer(self) -> None:
         self._timer = None
-        if self._closing or self._state == _BUSY:
+        if self.closing or self._state == _BUSY:
             return  # re-armed by _arm when the connection waits again
-        now = self.loop.time()
+        loop = self.context.loop
+        now = loop.time()
         if self._deadline - now > 0.001:
-            self._timer = self.loop.call_at(min(self._deadline, now + self._tick()),
-                                            self._on_timer)
+            self._timer = loop.call_at(min(self._deadline, now + self.context.tick),
+                                       self._on_timer)
             return
         if self._state == _HEAD:
             self._refuse(HeaderTimeout("request head not received in time"))
@@ -344,33 +300,20 @@ class DownstreamConnection(asyncio.Protocol):
     def _refuse(self, error: ProxyError) -> None:
         """Answer `error` to a request that has no exchange (its head was malformed, too
         large or late: 400, 431, 408), count it, log it, and close the connection."""
-        self._closing = True
-        self.metrics.request_finished(
-            self.direction, "unknown", "default", error.status, 0.0, 0, 0
-        )
-        access_log = self.listener.access_log
-        if access_log is not None:
-            now = self.loop.time()
-            # The header timer was armed, for header_timeout, when the head's first bytes came.
-            started = (self._deadline - self.listener.header_timeout if self._state == _HEAD
-                       else now)
-            access_log.record_refused(started, self.direction, self.peer_address(), error.status,
-                                      max(now - started, 0.0), error.reason)
+        self.closing = True
+        context = self.context
+        now = context.loop.time()
+        # The header timer was armed, for header_timeout, when the head's first bytes came.
+        started = self._deadline - context.header_timeout if self._state == _HEAD else now
+        record = RequestRecord(min(started, now), context.direction)
+        record.status = error.status
+        record.error = error.reason
+        record.peer = self.peer_address()
+        context.request_finished(record)
         self.transport.write(error_response(error, keep_alive=False))
         self._close()
 
-    def peer_address(self) -> str | None:
-        """The client's address as `HOST:PORT` (`[HOST]:PORT` for IPv6), or None when the
-        transport has none. Made on first use and kept: every request of a kept-alive
-        connection logs it."""
-        if self._peer_address is None:
-            peer = self.transport.get_extra_info("peername") if self.transport is not None else None
-            if not isinstance(peer, tuple) or len(peer) < 2:
-                return None
-            self._peer_address = join_host_port(peer[0], peer[1])
-        return self._peer_address
-
     def _close(self) -> None:
-        self._closing = True
+        self.closing = True
         if self.transport is not None:
             self.transport.close()

@@ -101,8 +101,8 @@ async def start_ipv6(proxy, inbound_resolver, own_ports: set[tuple[str, int]]) -
             resolver, tls = inbound_resolver, proxy.tls
 
         async def start(host=host, port=port, resolver=resolver, tls=tls) -> None:
-            listener = proxy.make_listener(resolver)
-            await listener.start(host, port, tls=tls)
+            listener = proxy.make_listener(resolver, tls)
+            await listener.start(host, port)
             proxy.listeners.append(listener)
 
         binds.append((f"{direction} [{host}]:{port}", start))

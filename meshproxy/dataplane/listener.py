@@ -1,75 +1,63 @@
-"""A listening socket and what its connections share: direction, resolver, timeouts, drain."""
+"""A listening socket: it accepts connections and starts each one's protocol.
+
+What the connections share (resolver, timeouts, metrics, tracing, the drain flag) is the
+listener's `ListenerContext` (dataplane/context.py), built before the listener. The protocol
+each connection starts with, and how an accepted socket is set up, are given to the listener
+when it is built: a `DownstreamConnection` and, with TLS, tls.accept_inbound's first-bytes
+decision by default; transparent mode (dataplane/transparent.py) gives its own.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import errno
 import logging
-import random
 import socket
+from typing import Awaitable, Callable
 
+from meshproxy.dataplane.context import ListenerContext
 from meshproxy.dataplane.downstream import DownstreamConnection
-from meshproxy.dataplane.tls import TLSState, accept_inbound
-from meshproxy.dataplane.exchange import RequestIds
-from meshproxy.dataplane.mirror import Mirrors
-from meshproxy.observability.trace import Tracing
+from meshproxy.dataplane.tls import accept_inbound
 
 log = logging.getLogger("meshproxy.listener")
 
-# Spec §3 "client side": header read timeout and idle keep-alive.
-HEADER_TIMEOUT = 10.0
-CLIENT_IDLE_TIMEOUT = 75.0
+ProtocolFactory = Callable[[], asyncio.BaseProtocol]
+# (loop, accepted socket) -> sets the socket up (TLS or not) and starts its protocol
+AcceptSocket = Callable[[asyncio.AbstractEventLoop, socket.socket], Awaitable[None]]
 
 
 class Listener:
     """Accepts client connections for one direction (inbound or outbound)."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, resolver, metrics, rng: random.Random, *,
-                 header_timeout: float = HEADER_TIMEOUT,
-                 idle_timeout: float = CLIENT_IDLE_TIMEOUT, tracing: Tracing | None = None,
-                 access_log=None) -> None:
-        self.loop = loop
-        self.rng = rng
-        self.request_ids = RequestIds(rng)
-        self.mirrors = Mirrors(loop)
-        self.resolver = resolver
-        self.metrics = metrics
-        self.direction = resolver.direction
-        # Trace context of every request (spec §4); spans only with a configured exporter.
-        self.trace = (tracing or Tracing()).propagator(self.direction, rng)
-        self.access_log = access_log  # observability.accesslog.AccessLog, or None (off)
-        self.header_timeout = header_timeout
-        self.idle_timeout = idle_timeout
-        self.connections: set[DownstreamConnection] = set()
-        self.draining = False
+    def __init__(self, context: ListenerContext, protocol_factory: ProtocolFactory | None = None,
+                 accept_socket: AcceptSocket | None = None) -> None:
+        """`protocol_factory`: the protocol of each connection (default: DownstreamConnection).
+        `accept_socket`: sets up each accepted socket when the context has TLS (default:
+        tls.accept_inbound with the context's header timeout)."""
+        self.context = context
+        self.direction = context.direction
+        self.protocol_factory: ProtocolFactory = (
+            protocol_factory or (lambda: DownstreamConnection(context)))
+        self.accept_socket = accept_socket or self._accept_inbound
         self.server: asyncio.base_events.Server | None = None
-        self._idle_waiter: asyncio.Future | None = None
-        self.tls: TLSState | None = None
         self._socket: socket.socket | None = None
         self._accepting: asyncio.Task | None = None
         self._setting_up: set[asyncio.Task] = set()
-        # Transparent mode (dataplane/transparent.py) sets these before start(): the protocol
-        # each connection starts with (default: DownstreamConnection), and with `tls` the
-        # coroutine (loop, sock) that sets up each accepted socket (default: accept_inbound).
-        self.protocol_factory = None
-        self.accept_socket = None
 
-    async def start(self, host: str, port: int, tls: TLSState | None = None) -> int:
+    async def start(self, host: str, port: int) -> int:
         """Bind and start accepting; return the bound port (useful with port 0).
 
-        With `tls` (the inbound listener of a proxy with an identity), each connection's first
-        bytes decide between TLS and plaintext (see dataplane/tls.py)."""
-        if self.protocol_factory is None:
-            self.protocol_factory = lambda: DownstreamConnection(self)
-        if tls is None:
-            self.server = await self.loop.create_server(
+        With the context's `tls` (the inbound listener of a proxy with an identity), each
+        connection's first bytes decide between TLS and plaintext (see dataplane/tls.py)."""
+        loop = self.context.loop
+        if self.context.tls is None:
+            self.server = await loop.create_server(
                 self.protocol_factory, host, port, reuse_address=True, backlog=1024,
             )
             if not self.server.sockets:  # every address skipped: no socket of its family here
                 self.server.close()
                 raise OSError(errno.EAFNOSUPPORT, f"cannot listen on {host}:{port}")
             return self.server.sockets[0].getsockname()[1]
-        self.tls = tls
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -84,25 +72,24 @@ class Listener:
         return sock.getsockname()[1]
 
     async def _accept_loop(self, sock: socket.socket) -> None:
+        loop = self.context.loop
         while True:
             try:
-                conn, _ = await self.loop.sock_accept(sock)
+                conn, _ = await loop.sock_accept(sock)
             except OSError as exc:  # EMFILE and the like: keep serving the connections we have
                 log.warning("accept failed: %s", exc)
                 await asyncio.sleep(0.1)
                 continue
             conn.setblocking(False)
-            if self.accept_socket is not None:
-                task = asyncio.ensure_future(self.accept_socket(self.loop, conn))
-            else:
-                task = asyncio.ensure_future(accept_inbound(
-                    self.loop, conn, self.tls, self.protocol_factory,
-                    first_byte_timeout=self.header_timeout, on_refused=self._refused))
+            task = asyncio.ensure_future(self.accept_socket(loop, conn))
             self._setting_up.add(task)
             task.add_done_callback(self._setting_up.discard)
 
-    def _refused(self, reason: str) -> None:
-        self.metrics.tls_handshake(self.direction, "refused-" + reason.split(":")[0])
+    def _accept_inbound(self, loop: asyncio.AbstractEventLoop, sock: socket.socket) -> Awaitable[None]:
+        context = self.context
+        return accept_inbound(loop, sock, context.tls, self.protocol_factory,
+                              first_byte_timeout=context.header_timeout,
+                              on_refused=context.tls_refused)
 
     @property
     def port(self) -> int:
@@ -112,30 +99,22 @@ class Listener:
 
     def stop_accepting(self) -> None:
         """Close the listening socket; connections already accepted go on."""
-        self.draining = True
+        self.context.draining = True
         if self.server is not None:
             self.server.close()
         if self._accepting is not None:
             self._accepting.cancel()
             self._accepting = None
             self._socket.close()
-        for conn in list(self.connections):
+        for conn in list(self.context.connections):
             conn.close_if_idle()
-
-    def connection_gone(self) -> None:
-        if self._idle_waiter is not None and not self.connections and not self._idle_waiter.done():
-            self._idle_waiter.set_result(None)
 
     async def wait_closed(self) -> None:
         """Wait until every accepted connection has closed."""
-        if not self.connections:
-            return
-        self._idle_waiter = self.loop.create_future()
-        await self._idle_waiter
+        await self.context.wait_closed()
 
     def abort_all(self) -> None:
         """Drop every remaining connection (the drain timeout passed)."""
-        for conn in list(self.connections):
+        for conn in list(self.context.connections):
             if conn.transport is not None:
                 conn.transport.abort()
-

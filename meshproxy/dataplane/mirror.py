@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
+from meshproxy.dataplane.upstream import ResponseReceiver
 from meshproxy.http1.errors import ProxyError
 from meshproxy.http1.events import RequestHead
 from meshproxy.http1.writer import request_head_bytes
@@ -22,7 +23,7 @@ MIRROR_TIMEOUT = 10.0
 MAX_MIRROR_BODY = 64 * 1024
 
 
-class _Sink:
+class _Sink(ResponseReceiver):
     """Stands in for an exchange on the mirror's upstream connection: reads and discards."""
 
     __slots__ = ("done", "keep_alive")
@@ -66,6 +67,38 @@ class _Sink:
         pass
 
 
+class MirrorCopy:
+    """The copies of one request for its route's mirrors, sent once the request is complete
+    with its body (kept up to MAX_MIRROR_BODY; a larger body is not mirrored)."""
+
+    __slots__ = ("mirrors", "runtimes", "head", "target", "body", "size")
+
+    def __init__(self, mirrors: "Mirrors", runtimes: list, head: RequestHead,
+                 target: bytes) -> None:
+        self.mirrors = mirrors
+        self.runtimes = runtimes
+        self.head = head
+        self.target = target
+        self.body: list[bytes] | None = []
+        self.size = 0
+
+    def keep(self, data: bytes) -> None:
+        """A piece of the request body went by."""
+        body = self.body
+        if body is not None:
+            body.append(data)
+            self.size += len(data)
+            if self.size > MAX_MIRROR_BODY:
+                self.body = None  # too large to keep a copy of: not mirrored
+
+    def request_complete(self) -> None:
+        """The request ended: send the copies (unless its body was too large)."""
+        body, self.body = self.body, None
+        if body is not None:
+            for runtime in self.runtimes:
+                self.mirrors.send(runtime, self.head, self.target, body)
+
+
 class Mirrors:
     """Sends mirror copies for one proxy, bounded in number."""
 
@@ -77,6 +110,18 @@ class Mirrors:
         self.skipped = 0
         # The loop keeps only weak references to tasks: these keep copies under way alive.
         self._tasks: set[asyncio.Task] = set()
+
+    def start(self, runtimes: list, head: RequestHead, target: bytes) -> MirrorCopy | None:
+        """Begin the copies of a request to Services `runtimes`: a request without a body is
+        copied now (None returned); one whose body may fit the limit gets a MirrorCopy that
+        keeps it until the request is complete; a larger one is not mirrored (None)."""
+        if not head.has_body:
+            for runtime in runtimes:
+                self.send(runtime, head, target, None)
+            return None
+        if head.content_length is None or head.content_length <= MAX_MIRROR_BODY:
+            return MirrorCopy(self, runtimes, head, target)
+        return None
 
     def send(self, runtime, head: RequestHead, target: bytes, body: list | None) -> None:
         """Start a copy of the request to Service `runtime`; never raises. `body`: the
@@ -117,7 +162,7 @@ class Mirrors:
                 conn.exchange = None
                 if not ok or conn.reader.in_message:
                     conn.abort()
-                elif sink.keep_alive:
+                elif sink is not None and sink.keep_alive:
                     conn.pool.release(conn)
                 else:
                     conn.close()

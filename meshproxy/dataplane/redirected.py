@@ -25,18 +25,15 @@ from __future__ import annotations
 
 import ipaddress
 
-from meshproxy.config.model.mesh import REGISTRY_ONLY, join_host_port
-from meshproxy.dataplane.destinations import (
-    IDLE_TO_APP,
-    EndpointRuntime,
-    ServiceRuntime,
-)
-from meshproxy.dataplane.resolvers import OutboundResolver
+from meshproxy.config.model.mesh import REGISTRY_ONLY
+from meshproxy.dataplane.destinations import ServiceRuntime
+from meshproxy.dataplane.localapp import local_app_runtime
+from meshproxy.dataplane.resolvers import OutboundResolver, Resolver
 from meshproxy.dataplane.loopback import IPV4_LOOPBACK, AppLoopback
-from meshproxy.dataplane.upstream import ConnectionPool
 from meshproxy.http1.errors import UnknownDestination
+from meshproxy.http1.events import RequestHead
 from meshproxy.policy.authz import SPIFFE_SCHEME, compile_patterns, namespace_of
-from meshproxy.policy.balancer import EndpointLoad, make_balancer
+from meshproxy.policy.balancer import make_balancer
 
 MAX_CACHED = 4096
 MAX_APP_PORTS = 1024
@@ -160,13 +157,12 @@ class OriginalDestinations:
         endpoint = next((e for e in whole.endpoints if e.instance == instance.name), None)
         if endpoint is None:
             return None
-        breaker, budget = destinations._resilience(None, whole.policy)
         return ServiceRuntime(service.key, whole.policy, [endpoint],
                               make_balancer("RoundRobin", destinations.rng), port=whole.port,
-                              breaker=breaker, budget=budget)
+                              outbound=destinations.outbound_rules(None, whole.policy))
 
 
-class TransparentOutboundResolver:
+class TransparentOutboundResolver(Resolver):
     """Outbound requests by original destination; requests on connections that were not
     redirected by their authority, as OutboundResolver does."""
 
@@ -180,11 +176,11 @@ class TransparentOutboundResolver:
         """The runtime of Service `key` (a route's backend), or None."""
         return self.base.service(key)
 
-    def resolve(self, head, down=None) -> tuple[ServiceRuntime, bytes]:
+    def resolve(self, head: RequestHead, client_id: str | None = None,
+                original: tuple[str, int] | None = None) -> tuple[ServiceRuntime, bytes]:
         """Return (runtime, target). Raises UnknownDestination (REGISTRY_ONLY), BadRequest."""
-        original = getattr(down, "original", None)
         if original is None:
-            return self.base.resolve(head, down)
+            return self.base.resolve(head, client_id)
         runtime = self.originals.lookup(*original)
         if runtime is None:
             raise UnknownDestination(f"{original[0]}:{original[1]} is not a known destination")
@@ -228,23 +224,15 @@ class InboundApps:
         return runtime
 
     def _runtime(self, host: str, port: int, old: ServiceRuntime | None) -> ServiceRuntime:
+        """The app at host:port (none at one of the proxy's own ports), keeping `old`'s
+        endpoint."""
         proxy = self.proxy
         s = proxy.settings
-        snapshot = proxy.destinations.snapshot
-        policy = snapshot.policy_for(s.service_key)
         own = {s.outbound_port, s.inbound_port, s.admin_port, s.health_port}
-        endpoints = []
-        if old is not None and old.endpoints:
-            endpoints = old.endpoints
-        elif port not in own:
-            lb = policy.load_balancer
-            pool = ConnectionPool(proxy.loop, host, port, idle_timeout=IDLE_TO_APP,
-                                  connect_timeout=policy.connection_pool.connect_timeout,
-                                  metrics=proxy.metrics)
-            load = EndpointLoad(join_host_port(host, port), lb.default_rtt, lb.decay, proxy.loop.time)
-            endpoints = [EndpointRuntime(host, port, meshed=False, instance=s.instance or "",
-                                         load=load, pool=pool)]
-        return ServiceRuntime(s.service_key, policy, endpoints, make_balancer("RoundRobin", proxy.rng))
+        return local_app_runtime(s.service_key, proxy.destinations.snapshot.policy_for(s.service_key),
+                                 (host, port) if port not in own else None,
+                                 instance=s.instance or "", old=old, loop=proxy.loop,
+                                 metrics=proxy.metrics, rng=proxy.rng)
 
     def apply(self) -> None:
         """A new snapshot: the same endpoints (and pooled connections) under its policy."""
@@ -256,7 +244,7 @@ class InboundApps:
                 endpoint.pool.close_idle()
 
 
-class TransparentInboundResolver:
+class TransparentInboundResolver(Resolver):
     """Inbound requests as InboundResolver answers them (authorization, client id), sent to
     the app's original destination port when the connection was redirected."""
 
@@ -269,10 +257,10 @@ class TransparentInboundResolver:
     def service(self, key: str) -> None:
         return None
 
-    def resolve(self, head, down=None) -> tuple[ServiceRuntime, bytes]:
+    def resolve(self, head: RequestHead, client_id: str | None = None,
+                original: tuple[str, int] | None = None) -> tuple[ServiceRuntime, bytes]:
         """Return (the app's runtime, target). Raises Unauthorized."""
-        runtime, target = self.base.resolve(head, down)
-        original = getattr(down, "original", None)
+        runtime, target = self.base.resolve(head, client_id)
         if original is not None and self.apps is not None:
             runtime = self.apps.at(original)
         return runtime, target

@@ -9,6 +9,7 @@ AuthorizationPolicies allow the caller.
 
 from __future__ import annotations
 
+from meshproxy.config import Snapshot
 from meshproxy.dataplane.destinations import Destinations, ServiceRuntime
 from meshproxy.http1.errors import BadRequest, Unauthorized, UnknownDestination
 from meshproxy.http1.events import RequestHead
@@ -41,7 +42,25 @@ def split_authority(authority: bytes) -> tuple[str, int | None]:
     return host, int(port)
 
 
-class OutboundResolver:
+class Resolver:
+    """Which Service a request on a listener goes to (abstract; the listener's context holds
+    one). `direction` is the listener's: "outbound" or "inbound"."""
+
+    direction = "outbound"
+
+    def resolve(self, head: RequestHead, client_id: str | None = None,
+                original: tuple[str, int] | None = None) -> tuple[ServiceRuntime, bytes]:
+        """Return (the Service, the request target to send upstream) for a request from
+        `client_id` (the caller's verified SPIFFE ID, inbound mTLS) on a connection sent to
+        `original` (transparent mode's original destination). Raises ProxyError."""
+        raise NotImplementedError  # abstract
+
+    def service(self, key: str) -> ServiceRuntime | None:
+        """The runtime of Service `key` (a route's backend or mirror), or None."""
+        raise NotImplementedError  # abstract
+
+
+class OutboundResolver(Resolver):
     """Maps an outbound request to its destination Service by authority (spec §4)."""
 
     direction = "outbound"
@@ -53,13 +72,14 @@ class OutboundResolver:
         # The proxy's own listeners: a request addressed to them would loop forever.
         self.own_addresses = own_addresses
         self._cache: dict[bytes, ServiceRuntime] = {}
-        self._cache_for = None
+        self._cache_for: Snapshot | None = None
 
     def service(self, key: str) -> ServiceRuntime | None:
         """The runtime of Service `key` (a route's backend), or None when it does not exist."""
         return self.destinations.services.get(key)
 
-    def resolve(self, head: RequestHead, down=None) -> tuple[ServiceRuntime, bytes]:
+    def resolve(self, head: RequestHead, client_id: str | None = None,
+                original: tuple[str, int] | None = None) -> tuple[ServiceRuntime, bytes]:
         """Return (service, request target to send upstream).
 
         Raises BadRequest (no usable authority), UnknownDestination (REGISTRY_ONLY, or the
@@ -126,7 +146,7 @@ class OutboundResolver:
 CLIENT_ID_HEADER = b"x-meshproxy-client-id"
 
 
-class InboundResolver:
+class InboundResolver(Resolver):
     """Every inbound request goes to the local app, under the sidecar's own Service, once the
     Service's AuthorizationPolicies allow it (spec §3, §4).
 
@@ -140,7 +160,8 @@ class InboundResolver:
         self.runtime = runtime
         self.authorizer = authorizer  # None: no policy applies, everything is allowed
 
-    def resolve(self, head: RequestHead, down=None) -> tuple[ServiceRuntime, bytes]:
+    def resolve(self, head: RequestHead, client_id: str | None = None,
+                original: tuple[str, int] | None = None) -> tuple[ServiceRuntime, bytes]:
         """Return (the local app's runtime, the target unchanged). Raises Unauthorized when an
         AuthorizationPolicy refuses the request."""
         headers = head.headers
@@ -148,7 +169,7 @@ class InboundResolver:
             if len(name) == 21 and name.lower() == CLIENT_ID_HEADER:
                 head.headers = headers = [h for h in headers if h[0].lower() != CLIENT_ID_HEADER]
                 break
-        peer = down.peer_id if down is not None else None
+        peer = client_id
         authorizer = self.authorizer
         if authorizer is not None:
             decision = authorizer.check(peer, head.method.decode("latin-1"), head.target.decode("latin-1"))

@@ -1,20 +1,21 @@
-"""Applying a Service's HTTPRoutes to one exchange: match, filters, backend choice.
+"""Applying a Service's HTTPRoutes to one request: the route decision, its filters, the
+backend.
 
-The decisions are pure (meshproxy.policy.router and .filters); this module applies them to the
-exchange's request head and says what happens next: forward to a backend Service, or answer
-with a redirect. Route-level filters apply first, then the chosen backend's own filters.
+The decision is pure (`RouteTable.decide`, meshproxy.policy.router; the filters' arithmetic is
+meshproxy.policy.filters). This module acts on it for one request head and returns what the
+exchange needs next, a `Routed`: the backend Service to forward to (or a redirect to answer),
+with the rule's label, timeouts and retry, the target to send, the mirrors and the response
+header filters. Route-level filters apply first, then the chosen backend's own filters.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import random
 
+from meshproxy.dataplane.destinations import ServiceRuntime
 from meshproxy.http1.errors import BackendNotFound, NoRoute
+from meshproxy.http1.events import RequestHead
 from meshproxy.policy.filters import modify_headers, redirect_location, rewrite_target
-
-if TYPE_CHECKING:  # pragma: no cover
-    from meshproxy.dataplane.destinations import ServiceRuntime
-    from meshproxy.dataplane.exchange import Exchange
 
 
 class Redirect:
@@ -27,7 +28,25 @@ class Redirect:
         self.location = location
 
 
-def _header_lookup(head):
+class Routed:
+    """Where a routed request goes, and what its route rule adds to it."""
+
+    __slots__ = ("service", "redirect", "failure", "label", "rule", "target", "mirrors",
+                 "response_modifiers")
+
+    def __init__(self, label: str, rule, target: bytes) -> None:
+        self.service: ServiceRuntime | None = None  # the backend; None with a redirect
+        self.redirect: Redirect | None = None
+        # The rule matched but names no usable backend: 500 (counted under the rule's label).
+        self.failure: BackendNotFound | None = None
+        self.label = label  # spec §6 route label, NAMESPACE/NAME/RULE
+        self.rule = rule  # the RouteRule: its timeouts and retry override the Service's policy
+        self.target = target  # the request target to send (URLRewrite may change it)
+        self.mirrors: list[ServiceRuntime] = []  # Services that get a copy (RequestMirror)
+        self.response_modifiers: list = []  # ResponseHeaderModifier filters
+
+
+def _header_lookup(head: RequestHead):
     """A lookup for the router: lower-case name -> value (repeated fields joined by ", ")."""
     def lookup(name: str) -> str | None:
         wanted = name.encode("latin-1")
@@ -38,37 +57,40 @@ def _header_lookup(head):
     return lookup
 
 
-def route(exchange: "Exchange", parent: "ServiceRuntime") -> "ServiceRuntime | Redirect":
-    """Route `exchange` by `parent`'s routes: returns the backend Service's runtime, or a
-    Redirect to answer. Raises NoRoute (404) and BackendNotFound (500)."""
-    head = exchange.head
-    found = parent.routes.match_with_prefix(
-        head.method.decode("latin-1"), exchange.target.decode("latin-1"), _header_lookup(head)
+def route(head: RequestHead, target: bytes, parent: ServiceRuntime, resolver,
+          rng: random.Random) -> Routed:
+    """Route a request for `parent` (a Service with routes) by its routes; request header
+    filters change `head` in place. `resolver` finds backend Services by key. Raises NoRoute
+    (404) when no rule matches; a rule without a usable backend gives a Routed whose
+    `failure` is the BackendNotFound (500) to answer."""
+    routes = parent.routes
+    assert routes is not None  # only a Service with routes is routed
+    decision = routes.decide(
+        head.method.decode("latin-1"), target.decode("latin-1"), _header_lookup(head)
     )
-    if found is None:
+    if decision is None:
         raise NoRoute(f"no route of {parent.key} matches")
-    rule, prefix = found
-    exchange.route = rule.label
-    exchange.route_rule = rule.rule  # its timeouts and retry override the Service's policy
-    redirect = _apply(exchange, rule.rule.filters, prefix, parent)
-    if redirect is not None:
-        return redirect
-    backend = rule.pick_backend(exchange.down.listener.rng)
+    routed = Routed(decision.label, decision.rule, target)
+    prefix = decision.prefix
+    if _apply(routed, head, decision.rule.filters, prefix, parent, resolver, rng):
+        return routed
+    backend = decision.pick_backend(rng)
     if backend is None:
-        raise BackendNotFound(f"{rule.label} has no backend with a weight")
-    runtime = exchange.down.resolver.service(backend.service_key)
+        routed.failure = BackendNotFound(f"{decision.label} has no backend with a weight")
+        return routed
+    runtime = resolver.service(backend.service_key)
     if runtime is None:
         # Gateway API: requests that would go to an invalid backend get a 500.
-        raise BackendNotFound(f"{backend.service_key} does not exist")
-    redirect = _apply(exchange, backend.filters, prefix, parent)
-    if redirect is not None:
-        return redirect
-    return runtime
+        routed.failure = BackendNotFound(f"{backend.service_key} does not exist")
+        return routed
+    if not _apply(routed, head, backend.filters, prefix, parent, resolver, rng):
+        routed.service = runtime
+    return routed
 
 
-def _apply(exchange: "Exchange", filters, prefix: str | None,
-           parent: "ServiceRuntime") -> Redirect | None:
-    head = exchange.head
+def _apply(routed: Routed, head: RequestHead, filters, prefix: str | None,
+           parent: ServiceRuntime, resolver, rng: random.Random) -> bool:
+    """Apply `filters`; return True when one of them is a redirect (set on `routed`)."""
     for f in filters:
         kind = f.type
         if kind == "RequestHeaderModifier":
@@ -83,7 +105,7 @@ def _apply(exchange: "Exchange", filters, prefix: str | None,
             # §4), so it follows what the filter set or removed.
             head.request_id = head.header(b"x-request-id")
         elif kind == "ResponseHeaderModifier":
-            exchange.response_modifiers.append(f.response_header_modifier)
+            routed.response_modifiers.append(f.response_header_modifier)
         elif kind == "URLRewrite":
             rewrite = f.url_rewrite
             if rewrite.hostname is not None:
@@ -92,17 +114,17 @@ def _apply(exchange: "Exchange", filters, prefix: str | None,
                                 for k, v in head.headers]
                 head.host = host
             if rewrite.path is not None:
-                exchange.target = rewrite_target(exchange.target, rewrite.path, prefix)
+                routed.target = rewrite_target(routed.target, rewrite.path, prefix)
         elif kind == "RequestRedirect":
             redirect = f.request_redirect
-            host = (head.host or b"").decode("latin-1")
-            location = redirect_location(redirect, host, parent.port, exchange.target, prefix)
-            return Redirect(redirect.status_code, location)
+            authority = (head.host or b"").decode("latin-1")
+            location = redirect_location(redirect, authority, parent.port, routed.target, prefix)
+            routed.redirect = Redirect(redirect.status_code, location)
+            return True
         elif kind == "RequestMirror":
             mirror = f.request_mirror
-            rng = exchange.down.listener.rng
             if mirror.ratio >= 1.0 or rng.random() < mirror.ratio:
-                runtime = exchange.down.resolver.service(mirror.backend_ref.service_key)
+                runtime = resolver.service(mirror.backend_ref.service_key)
                 if runtime is not None:
-                    exchange.mirrors.append(runtime)
-    return None
+                    routed.mirrors.append(runtime)
+    return False

@@ -11,23 +11,17 @@ from dataclasses import dataclass, field
 
 from meshproxy.admin import start_servers
 from meshproxy.config import Snapshot
-from meshproxy.config.model.mesh import join_host_port
 from meshproxy.dataplane.control_client import ControlClient
 from meshproxy.dataplane.tls import Contexts, TLSState
 from meshproxy.policy.authz import Authorizer
-from meshproxy.dataplane.destinations import (
-    IDLE_TO_APP,
-    Destinations,
-    EndpointRuntime,
-    ServiceRuntime,
-)
+from meshproxy.dataplane.destinations import Destinations, ServiceRuntime
+from meshproxy.dataplane.localapp import local_app_runtime
 from meshproxy.dataplane.resolvers import InboundResolver, OutboundResolver
-from meshproxy.dataplane.listener import CLIENT_IDLE_TIMEOUT, HEADER_TIMEOUT, Listener
-from meshproxy.dataplane.upstream import ConnectionPool
+from meshproxy.dataplane.context import CLIENT_IDLE_TIMEOUT, HEADER_TIMEOUT, ListenerContext
+from meshproxy.dataplane.listener import Listener
 from meshproxy.observability.accesslog import AccessLog
 from meshproxy.observability.metrics import ProxyMetrics
 from meshproxy.observability.trace import Tracing
-from meshproxy.policy.balancer import EndpointLoad, make_balancer
 from meshproxy.policy.detect import DEFAULT_OPAQUE_PORTS, DETECT_TIMEOUT
 
 log = logging.getLogger("meshproxy.proxy")
@@ -211,8 +205,8 @@ class Proxy:
         self._inbound_runtime = self._make_inbound_runtime(None)
         self._inbound_resolver = InboundResolver(self._inbound_runtime,
                                                  self._authorizer(self.destinations.snapshot))
-        inbound = self.make_listener(self._inbound_resolver)
-        s.inbound_port = await inbound.start(s.inbound_bind, s.inbound_port, tls=self.tls)
+        inbound = self.make_listener(self._inbound_resolver, self.tls)
+        s.inbound_port = await inbound.start(s.inbound_bind, s.inbound_port)
         self.listeners.append(inbound)
         own_ports.update({("127.0.0.1", s.outbound_port), ("127.0.0.1", s.inbound_port)})
         self.admin = await start_servers(self, "127.0.0.1", s.admin_port, "0.0.0.0", s.health_port,
@@ -224,17 +218,22 @@ class Proxy:
             await start_ipv6(self, self._inbound_resolver, own_ports)
         self.ready = True
 
-    def make_listener(self, resolver) -> Listener:
-        """A listener (not started) for `resolver`'s direction; a transparent one in
-        transparent mode."""
+    def make_listener(self, resolver, tls: TLSState | None = None) -> Listener:
+        """A listener (not started) for `resolver`'s direction, with `tls` for an inbound one
+        of a proxy with an identity; a transparent one in transparent mode. Its context is
+        built here, complete, before the listener (settings → context → listener)."""
         s = self.settings
-        listener = Listener(
-            self.loop, resolver, self.metrics, self.rng, header_timeout=s.header_timeout,
-            idle_timeout=s.client_idle_timeout, tracing=self.tracing, access_log=self.access_log,
+        transparent = self.transparent
+        if transparent is not None:
+            resolver = transparent.resolver_for(resolver)
+        context = ListenerContext(
+            self.loop, resolver, self.metrics, self.rng, tracing=self.tracing,
+            access_log=self.access_log, header_timeout=s.header_timeout,
+            idle_timeout=s.client_idle_timeout, tls=tls,
         )
-        if self.transparent is not None:
-            self.transparent.intercept(listener)
-        return listener
+        if transparent is None:
+            return Listener(context)
+        return Listener(context, *transparent.listener_parts(context))
 
     def _make_inbound_runtime(self, old: ServiceRuntime | None) -> ServiceRuntime:
         """The local app as an endpoint: --app-port, else this instance's app in the Mesh.
@@ -249,23 +248,13 @@ class Proxy:
             )
             if instances:
                 host, port = instances[0].app_host, instances[0].app_port
-        policy = snapshot.policy_for(s.service_key)
-        endpoints = []
-        reused = old.by_key.get(join_host_port(host, port)) if old is not None and port is not None else None
-        if reused is not None:
-            endpoints.append(reused)
-        elif port is not None:
-            pool = ConnectionPool(self.loop, host, port, idle_timeout=IDLE_TO_APP,
-                                  connect_timeout=policy.connection_pool.connect_timeout,
-                                  metrics=self.metrics)
-            lb = policy.load_balancer
-            load = EndpointLoad(join_host_port(host, port), lb.default_rtt, lb.decay, self.loop.time)
-            endpoints.append(EndpointRuntime(host, port, meshed=False, instance=s.instance or "",
-                                             load=load, pool=pool))
-        elif self.has_config and (old is None or old.endpoints):
+        if port is None and self.has_config and (old is None or old.endpoints):
             log.warning("no --app-port and no app address for %s: inbound requests get 503",
                         s.service_key)
-        return ServiceRuntime(s.service_key, policy, endpoints, make_balancer("RoundRobin", self.rng))
+        return local_app_runtime(s.service_key, snapshot.policy_for(s.service_key),
+                                 (host, port) if port is not None else None,
+                                 instance=s.instance or "", old=old, loop=self.loop,
+                                 metrics=self.metrics, rng=self.rng)
 
     async def _drain(self) -> None:
         """Stop accepting, let in-flight exchanges finish (bounded), close idle, then stop."""

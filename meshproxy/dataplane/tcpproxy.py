@@ -42,13 +42,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import socket
-import ssl
 from typing import TYPE_CHECKING
 
-from meshproxy.dataplane import tlsstream
+from meshproxy.dataplane.connect import connect_endpoint, tls_stream
 from meshproxy.dataplane.tcpstats import TcpStats
-from meshproxy.dataplane.tls import peer_identity
 from meshproxy.http1.errors import ConnectFailure, ProxyError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -69,42 +66,10 @@ async def open_upstream(loop: asyncio.AbstractEventLoop, pool: "ConnectionPool",
     """Open a connection to `pool`'s endpoint as ConnectionPool.connect does (mTLS when the
     pool has TLS and the proxy a certificate; the peer must be the pool's expected SPIFFE ID),
     with `protocol_factory`'s protocol. Returns (transport, protocol); raises ConnectFailure."""
-    contexts = pool.tls.contexts if pool.tls is not None else None
-    host, port = pool.host, pool.port
-    try:
-        async with asyncio.timeout(pool.connect_timeout):
-            if contexts is None:
-                transport, protocol = await loop.create_connection(protocol_factory, host, port)
-            else:
-                # A TlsStream rather than asyncio's TLS: it can pass a half-close on.
-                transport = await tlsstream.connect(loop, host, port, contexts.client,
-                                                    pool.connect_timeout)
-                protocol = None
-    except TimeoutError:
-        raise ConnectFailure(f"connect to {host}:{port} timed out") from None
-    except ssl.SSLError as exc:
-        metrics.tls_handshake("outbound", "error")
-        raise ConnectFailure(f"TLS to {host}:{port}: {exc.reason or exc}") from None
-    except OSError as exc:
-        raise ConnectFailure(f"connect to {host}:{port}: {exc.strerror or exc}") from None
-    if contexts is not None:
-        peer = peer_identity(transport.get_extra_info("ssl_object"))
-        if pool.expected_id is not None and peer != pool.expected_id:
-            metrics.tls_handshake("outbound", "wrong-identity")
-            transport.abort()
-            raise ConnectFailure(f"{host}:{port} is {peer}, expected {pool.expected_id}")
-        metrics.tls_handshake("outbound", "ok")
-        protocol = protocol_factory()
-        transport.attach(protocol)
-    _nodelay(transport)
-    return transport, protocol
-
-
-def _nodelay(transport: asyncio.BaseTransport) -> None:
-    # Interactive protocols (a database's query and reply) must not wait for Nagle's timer.
-    sock = transport.get_extra_info("socket")
-    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    # A TlsStream rather than asyncio's TLS: it can pass a half-close on.
+    return await connect_endpoint(loop, pool.host, pool.port, protocol_factory,
+                                  timeout=pool.connect_timeout, metrics=metrics, tls=pool.tls,
+                                  expected_id=pool.expected_id, tls_leg=tls_stream)
 
 
 class _Upstream(asyncio.Protocol):
@@ -146,15 +111,16 @@ class TcpProxy(asyncio.Protocol):
     REGISTRY_ONLY, or an AuthorizationPolicy): closed at once."""
 
     __slots__ = (
-        "listener", "loop", "direction", "runtime", "transport", "tls", "counts", "upstream",
+        "context", "loop", "direction", "runtime", "transport", "tls", "counts", "upstream",
         "pending", "pending_bytes", "_paused", "client_eof", "upstream_ended", "closed",
         "endpoint", "task",
     )
 
-    def __init__(self, listener, runtime: "ServiceRuntime | None", stats: TcpStats) -> None:
-        self.listener = listener
-        self.loop = listener.loop
-        self.direction = listener.direction
+    def __init__(self, context, runtime: "ServiceRuntime | None", stats: TcpStats) -> None:
+        """`context`: the listener's ListenerContext (dataplane/context.py)."""
+        self.context = context
+        self.loop = context.loop
+        self.direction = context.direction
         self.runtime = runtime
         self.transport: asyncio.Transport | None = None
         self.tls = False
@@ -176,9 +142,9 @@ class TcpProxy(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]
         self.tls = transport.get_extra_info("ssl_object") is not None
         if self.tls:
-            self.listener.metrics.tls_handshake(self.direction, "ok")
-        self.listener.connections.add(self)
-        self.listener.metrics.connection_opened(self.direction, self.tls)
+            self.context.metrics.tls_handshake(self.direction, "ok")
+        self.context.connection_opened(self)
+        self.context.metrics.connection_opened(self.direction, self.tls)
         self.counts.opened += 1
         runtime = self.runtime
         if runtime is None:
@@ -194,8 +160,9 @@ class TcpProxy(asyncio.Protocol):
                 else ""))
             return
         if runtime.at_connection_limit():
-            self._refuse("overloaded", f"connection limit reached ({runtime.max_connections} "
-                         f"open, {runtime.max_pending} being opened at most)")
+            outbound = runtime.outbound
+            self._refuse("overloaded", f"connection limit reached ({outbound.max_connections} "
+                         f"open, {outbound.max_pending} being opened at most)")
             return
         # Being opened from here (maxPendingRequests, and maxConnections until it is open);
         # the done callback uncounts it however the task ends.
@@ -245,8 +212,7 @@ class TcpProxy(asyncio.Protocol):
             return
         self.transport = None
         self.closed = True
-        self.listener.connections.discard(self)
-        self.listener.metrics.connection_closed(self.direction, self.tls)
+        self.context.metrics.connection_closed(self.direction, self.tls)
         self.counts.closed += 1
         if self.task is not None:
             self.task.cancel()
@@ -258,7 +224,7 @@ class TcpProxy(asyncio.Protocol):
             else:
                 upstream.transport.abort()
         self._release()
-        self.listener.connection_gone()
+        self.context.connection_closed(self)
 
     def pause_writing(self) -> None:
         # The client reads slower than the upstream sends: stop reading the upstream.
@@ -292,7 +258,7 @@ class TcpProxy(asyncio.Protocol):
     async def _connect(self) -> None:
         runtime = self.runtime
         tried: set[str] = set()
-        attempts = 1 + (runtime.retry_rule.attempts if runtime.retry_rule is not None else 0)
+        attempts = 1 + (runtime.outbound.retry_rule.attempts if runtime.outbound is not None else 0)
         error: ProxyError | None = None
         while len(tried) < attempts:
             try:
@@ -307,10 +273,10 @@ class TcpProxy(asyncio.Protocol):
             started = load.start()
             try:
                 transport, upstream = await open_upstream(
-                    self.loop, endpoint.pool, lambda: _Upstream(self), self.listener.metrics)
+                    self.loop, endpoint.pool, lambda: _Upstream(self), self.context.metrics)
             except ConnectFailure as exc:
                 load.finish(started)
-                self._outcome(endpoint, False)
+                runtime.record_outcome(endpoint.key, False, self.context.metrics)
                 error = exc
                 continue
             except asyncio.CancelledError:
@@ -323,7 +289,7 @@ class TcpProxy(asyncio.Protocol):
             load.in_flight += 1
             endpoint.pool.open_count += 1
             self.endpoint = endpoint
-            self._outcome(endpoint, True)
+            runtime.record_outcome(endpoint.key, True, self.context.metrics)
             self.task = None
             self._attach(upstream)
             return
@@ -335,15 +301,6 @@ class TcpProxy(asyncio.Protocol):
         if self.transport is not None:
             self.closed = True
             self.transport.abort()
-
-    def _outcome(self, endpoint: "EndpointRuntime", success: bool) -> None:
-        breaker = self.runtime.breaker
-        if breaker is None:
-            return
-        if breaker.record(endpoint.key, success):
-            self.listener.metrics.endpoint_ejected(self.runtime.key, endpoint.key)
-        if not success or not breaker.all_ready:
-            self.listener.metrics.set_endpoints(self.runtime.key, *breaker.counts())
 
     def _attach(self, upstream: _Upstream) -> None:
         if self.transport is None:  # the client left while connecting

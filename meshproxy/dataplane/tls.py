@@ -1,17 +1,15 @@
-"""TLS between sidecars: the inbound side's first-bytes decision (PERMISSIVE, STRICT, DISABLE)
-and the contexts in force, swapped in one step when the certificate rotates.
+"""TLS between sidecars: the inbound side's first-bytes decision put into action (PERMISSIVE,
+STRICT, DISABLE), and the contexts in force, swapped in one step when the certificate rotates.
 
-Inbound, a PeerAuthentication mode decides what a connection may be (spec §3):
+What an accepted inbound connection is (TLS, plaintext, refused) is decided by the pure table
+in policy/admission.py (spec §3): in short, STRICT is TLS only, PERMISSIVE lets the first
+byte decide (a TLS handshake record is terminated, anything else is plaintext HTTP), DISABLE
+is plaintext only. `accept_inbound` only waits, peeks and acts on that decision.
 
-- STRICT: TLS only; a connection whose first byte is not a TLS handshake record is closed.
-- PERMISSIVE: the first bytes decide, on the one port: a TLS ClientHello (record type 0x16)
-  is terminated, anything else is read as plaintext HTTP.
-- DISABLE: plaintext only (a ClientHello then fails as a malformed request: 400).
-
-The decision peeks (MSG_PEEK) at an accepted socket before any transport owns it, then hands the
-socket to the event loop with or without TLS (`connect_accepted_socket`): public asyncio API,
-and nothing read has to be put back. A connection that sends nothing within the header timeout
-is closed, as one that sends no request head would be.
+The peek (MSG_PEEK) looks at an accepted socket before any transport owns it, then the socket
+goes to the event loop with or without TLS (`connect_accepted_socket`): public asyncio API,
+and nothing read has to be put back. The TLS leg is asyncio's own by default, or a TlsStream
+(`serve_tls_stream`, which can half-close) in transparent mode.
 
 Connections keep the context they were accepted (or opened) with; a rotation only changes the
 context of new ones, so rotating never drops a connection.
@@ -24,14 +22,22 @@ import logging
 import socket
 import ssl
 from dataclasses import dataclass
-from typing import Callable
+from typing import Awaitable, Callable
 
+from meshproxy.dataplane import tlsstream
 from meshproxy.identity.spiffe import IdentityError, parse_spiffe_id
+from meshproxy.policy.admission import (  # noqa: F401 - STRICT...: re-exported for callers
+    DISABLE,
+    PERMISSIVE,
+    STRICT,
+    TLS_HANDSHAKE_RECORD,
+    Action,
+    after_peek,
+    before_peek,
+)
 
 log = logging.getLogger("meshproxy.tls")
-TLS_HANDSHAKE_RECORD = 0x16
 HANDSHAKE_TIMEOUT = 10.0
-STRICT, PERMISSIVE, DISABLE = "STRICT", "PERMISSIVE", "DISABLE"
 
 
 @dataclass
@@ -72,42 +78,84 @@ async def _readable(loop: asyncio.AbstractEventLoop, sock: socket.socket, timeou
         loop.remove_reader(fd)
 
 
+async def peek_first_byte(loop: asyncio.AbstractEventLoop, sock: socket.socket,
+                          timeout: float) -> bytes | None:
+    """Wait up to `timeout` seconds for `sock`'s first byte and return it without consuming
+    it (MSG_PEEK): b"" at end of stream, None when nothing came. Raises OSError."""
+    if not await _readable(loop, sock, timeout):
+        return None
+    try:
+        return sock.recv(1, socket.MSG_PEEK)
+    except (BlockingIOError, InterruptedError):
+        return b"?"  # a spurious wake-up: not TLS either; let the HTTP reader decide
+
+
+# How the TLS leg of an accepted socket is served: (loop, sock, server context, protocol
+# factory, on_refused) -> returns once the connection is set up (or handed to a transport that
+# reports a failed handshake to on_refused); may raise ssl.SSLError, OSError, TimeoutError.
+ServeTls = Callable[[asyncio.AbstractEventLoop, socket.socket, ssl.SSLContext,
+                     Callable[[], asyncio.Protocol], Callable[[str], None]], Awaitable[None]]
+
+
+async def serve_asyncio_tls(loop: asyncio.AbstractEventLoop, sock: socket.socket,
+                            context: ssl.SSLContext, protocol_factory: Callable[[], asyncio.Protocol],
+                            on_refused: Callable[[str], None]) -> None:
+    """Serve TLS on `sock` with asyncio's own TLS transport; returns once the handshake is
+    done. Raises ssl.SSLError, OSError, TimeoutError (a failed handshake)."""
+    await loop.connect_accepted_socket(protocol_factory, sock, ssl=context,
+                                       ssl_handshake_timeout=HANDSHAKE_TIMEOUT)
+
+
+async def serve_tls_stream(loop: asyncio.AbstractEventLoop, sock: socket.socket,
+                           context: ssl.SSLContext, protocol_factory: Callable[[], asyncio.Protocol],
+                           on_refused: Callable[[str], None]) -> None:
+    """Serve TLS on `sock` with a TlsStream (dataplane/tlsstream.py), which can half-close (a
+    TCP stream on it needs that); returns at once, and a failed handshake is reported to
+    `on_refused` later. Raises OSError."""
+    await tlsstream.accept(
+        loop, sock, context, protocol_factory, handshake_timeout=HANDSHAKE_TIMEOUT,
+        on_failure=lambda exc: on_refused(f"handshake: {exc.__class__.__name__}"))
+
+
+@dataclass(frozen=True)
+class ServerFirst:
+    """Where silence is a server-first client (transparent mode): how long a PERMISSIVE
+    client may stay silent before it is taken as one (the protocol-detection timeout), and the
+    protocol such a client gets."""
+
+    timeout: float
+    protocol_factory: Callable[[], asyncio.Protocol]
+
+
 async def accept_inbound(loop: asyncio.AbstractEventLoop, sock: socket.socket, tls: TLSState,
                          protocol_factory: Callable[[], asyncio.Protocol], *, first_byte_timeout: float,
-                         on_refused: Callable[[str], None]) -> None:
-    """Decide what the accepted `sock` is and start its protocol: with TLS, in plaintext, or
-    not at all (closed, `on_refused(reason)` told why). Never raises."""
+                         on_refused: Callable[[str], None], server_first: ServerFirst | None = None,
+                         serve_tls: ServeTls = serve_asyncio_tls) -> None:
+    """Decide what the accepted `sock` is (policy/admission.py) and start its protocol: with
+    TLS (served by `serve_tls`), in plaintext, or not at all (closed, `on_refused(reason)` told
+    why). `first_byte_timeout`: how long a client may stay silent (the header timeout);
+    `server_first`: silence is a server-first client instead (see ServerFirst). Never raises."""
     try:
         mode = tls.mode()
         contexts = tls.contexts
-        if mode == DISABLE or contexts is None and mode == PERMISSIVE:
+        has_certificate = contexts is not None
+        silence_is_tcp = server_first is not None
+        action = before_peek(mode, has_certificate, silence_is_tcp)
+        if action is not Action.PLAINTEXT:
+            wait = server_first.timeout if action is Action.PEEK_BRIEFLY else first_byte_timeout
+            first = await peek_first_byte(loop, sock, wait)
+            action = after_peek(mode, first, has_certificate, silence_is_tcp)
+        if action is Action.PLAINTEXT:
             await loop.connect_accepted_socket(protocol_factory, sock)
-            return
-        if not await _readable(loop, sock, first_byte_timeout):
-            on_refused("no-data")
+        elif action is Action.TLS:
+            await serve_tls(loop, sock, contexts.server, protocol_factory, on_refused)
+        elif action is Action.PLAINTEXT_SILENT:
+            await loop.connect_accepted_socket(server_first.protocol_factory, sock)
+        else:  # Action.CLOSE, or a Refusal
+            if action is not Action.CLOSE:
+                on_refused(action.value)
             sock.close()
-            return
-        try:
-            first = sock.recv(1, socket.MSG_PEEK)
-        except (BlockingIOError, InterruptedError):
-            first = b"?"  # a spurious wake-up: not TLS either; let the HTTP reader decide
-        if not first:
-            sock.close()
-            return
-        if first[0] != TLS_HANDSHAKE_RECORD:
-            if mode == STRICT:
-                on_refused("plaintext")
-                sock.close()
-                return
-            await loop.connect_accepted_socket(protocol_factory, sock)
-            return
-        if contexts is None:
-            on_refused("no-certificate")
-            sock.close()
-            return
-        await loop.connect_accepted_socket(protocol_factory, sock, ssl=contexts.server,
-                                           ssl_handshake_timeout=HANDSHAKE_TIMEOUT)
-    except (ssl.SSLError, OSError, TimeoutError, ConnectionError) as exc:
+    except (OSError, TimeoutError, ConnectionError) as exc:  # ssl.SSLError is an OSError
         # A failed handshake (another CA, an expired or missing client certificate,
         # garbage after 0x16) costs this connection only.
         on_refused(f"handshake: {exc.__class__.__name__}")

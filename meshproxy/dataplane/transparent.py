@@ -28,7 +28,7 @@ import socket
 
 from prometheus_client import Counter
 
-from meshproxy.dataplane import tlsstream
+from meshproxy.dataplane.context import ListenerContext
 from meshproxy.dataplane.destinations import ServiceRuntime
 from meshproxy.dataplane.downstream import DownstreamConnection
 from meshproxy.dataplane.redirected import (
@@ -43,15 +43,7 @@ from meshproxy.dataplane.redirected import (
 )
 from meshproxy.dataplane.tcpproxy import TcpProxy
 from meshproxy.dataplane.tcpstats import TcpStats
-from meshproxy.dataplane.tls import (
-    DISABLE,
-    HANDSHAKE_TIMEOUT,
-    PERMISSIVE,
-    STRICT,
-    TLS_HANDSHAKE_RECORD,
-    _readable,
-    peer_identity,
-)
+from meshproxy.dataplane.tls import ServerFirst, accept_inbound, peer_identity, serve_tls_stream
 from meshproxy.kube.origdst import original_destination
 from meshproxy.policy.detect import HTTP1, decide
 
@@ -75,16 +67,6 @@ def original_of(sock) -> tuple[str, int] | None:
     return canonical_ip(host) + (f"%{scope}" if scope else ""), port
 
 
-class TransparentDownstream(DownstreamConnection):
-    """A client connection on the L7 path that remembers its original destination."""
-
-    __slots__ = ("original",)
-
-    def __init__(self, listener, original: tuple[str, int]) -> None:
-        super().__init__(listener)
-        self.original = original
-
-
 # -- the detection step ---------------------------------------------------------------------------
 
 
@@ -92,13 +74,13 @@ class Sniffer(asyncio.Protocol):
     """A transparent connection until its protocol is known; then the transport goes to a
     DownstreamConnection (HTTP/1) or a TcpProxy (anything else)."""
 
-    __slots__ = ("mode", "listener", "transport", "original", "buffer", "timer", "silent")
+    __slots__ = ("mode", "context", "transport", "original", "buffer", "timer", "silent")
 
-    def __init__(self, mode: "Transparent", listener, silent: bool = False) -> None:
+    def __init__(self, mode: "Transparent", context: ListenerContext, silent: bool = False) -> None:
         """`silent`: the client has already been silent for the detection timeout (inbound
         PERMISSIVE waits for a TLS ClientHello that long): TCP at once."""
         self.mode = mode
-        self.listener = listener
+        self.context = context
         self.silent = silent
         self.transport: asyncio.Transport | None = None
         self.original: tuple[str, int] | None = None
@@ -108,13 +90,13 @@ class Sniffer(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
         original = self.original = original_of(transport.get_extra_info("socket"))
-        listener = self.listener
-        if original is None and listener.direction == "outbound":
+        context = self.context
+        if original is None and context.direction == "outbound":
             # Not redirected: an app that addresses the proxy itself (HTTP_PROXY).
-            self._switch(DownstreamConnection(listener))
+            self._switch(DownstreamConnection(context))
             return
         # An inbound listener with TLS checked this before the handshake (_accept_inbound).
-        if (listener.tls is None and listener.direction == "inbound"
+        if (context.tls is None and context.direction == "inbound"
                 and not self.mode.for_this_pod(original)):
             self.transport = None
             transport.close()
@@ -122,7 +104,7 @@ class Sniffer(asyncio.Protocol):
         if self.silent or original is not None and original[1] in self.mode.opaque_ports:
             self._to_tcp()
             return
-        self.timer = self.listener.loop.call_later(self.mode.detect_timeout, self._timed_out)
+        self.timer = self.context.loop.call_later(self.mode.detect_timeout, self._timed_out)
 
     def data_received(self, data: bytes) -> None:
         self.buffer += data
@@ -151,15 +133,12 @@ class Sniffer(asyncio.Protocol):
             self.timer.cancel()
             self.timer = None
         if verdict == HTTP1:
-            original = self.original
-            listener = self.listener
-            return self._switch(TransparentDownstream(listener, original) if original is not None
-                                else DownstreamConnection(listener))
+            return self._switch(DownstreamConnection(self.context, self.original))
         return self._to_tcp()
 
     def _to_tcp(self) -> asyncio.Protocol:
-        runtime = self.mode.tcp_destination(self.listener, self.original, self.transport)
-        return self._switch(TcpProxy(self.listener, runtime, self.mode.stats))
+        runtime = self.mode.tcp_destination(self.context, self.original, self.transport)
+        return self._switch(TcpProxy(self.context, runtime, self.mode.stats))
 
     def _switch(self, protocol: asyncio.Protocol) -> asyncio.Protocol:
         transport = self.transport
@@ -194,14 +173,23 @@ class Transparent:
                  "opaque ports %s", detect_timeout * 1000,
                  ",".join(map(str, sorted(opaque_ports))))
 
-    def intercept(self, listener) -> None:
-        """Make `listener` (not started yet) a transparent one."""
-        if listener.direction == "outbound":
-            listener.resolver = TransparentOutboundResolver(listener.resolver, self.originals)
-        else:
-            listener.resolver = TransparentInboundResolver(listener.resolver, self.apps)
-            listener.accept_socket = lambda loop, sock: self._accept_inbound(listener, loop, sock)
-        listener.protocol_factory = lambda: Sniffer(self, listener)
+    def resolver_for(self, resolver):
+        """The resolver a transparent listener uses in place of `resolver` (an
+        OutboundResolver or InboundResolver): by original destination where there is one."""
+        if resolver.direction == "outbound":
+            return TransparentOutboundResolver(resolver, self.originals)
+        return TransparentInboundResolver(resolver, self.apps)
+
+    def listener_parts(self, context: ListenerContext) -> tuple:
+        """(protocol factory, accept-socket coroutine function) of a transparent listener
+        with `context`: each connection starts with a Sniffer; inbound sockets are set up by
+        `_accept_inbound` (the outbound listener has no TLS, so gets None)."""
+        def sniffer() -> Sniffer:
+            return Sniffer(self, context)
+
+        if context.direction == "outbound":
+            return sniffer, None
+        return sniffer, lambda loop, sock: self._accept_inbound(context, sniffer, loop, sock)
 
     def apply(self, snapshot) -> None:
         """A new configuration snapshot is in force."""
@@ -222,14 +210,15 @@ class Transparent:
                   original[0], original[1], ", ".join(sorted(self.pod_ips)))
         return False
 
-    def tcp_destination(self, listener, original, transport) -> ServiceRuntime | None:
+    def tcp_destination(self, context: ListenerContext, original,
+                        transport) -> ServiceRuntime | None:
         """The runtime a TCP connection goes to, or None when it is refused."""
-        if listener.direction == "outbound":
+        if context.direction == "outbound":
             return self.originals.lookup(*original)
         if not self._authorized(peer_identity(transport.get_extra_info("ssl_object"))):
             log.info("inbound TCP connection refused by an AuthorizationPolicy")
             return None
-        base = listener.resolver
+        base = context.resolver
         if original is not None and base.apps is not None:
             return base.apps.at(original)
         return base.base.runtime
@@ -246,54 +235,17 @@ class Transparent:
                 self._tcp_allowed[peer] = allowed
         return allowed
 
-    async def _accept_inbound(self, listener, loop: asyncio.AbstractEventLoop, sock: socket.socket) -> None:
-        """tls.accept_inbound's decision for transparent mode: in PERMISSIVE, a client silent
-        for the detection timeout is a plaintext server-first one (not refused)."""
-        factory = listener.protocol_factory
+    async def _accept_inbound(self, context: ListenerContext, sniffer, loop: asyncio.AbstractEventLoop,
+                              sock: socket.socket) -> None:
+        """tls.accept_inbound for transparent mode: a connection not for this pod is refused
+        first; in PERMISSIVE, a client silent for the detection timeout is a plaintext
+        server-first one (not refused); TLS is a TlsStream, which can half-close. Never
+        raises."""
         if not self.for_this_pod(original_of(sock)):
             sock.close()
             return
-        try:
-            tls = listener.tls
-            mode = tls.mode()
-            contexts = tls.contexts
-            if mode == DISABLE or contexts is None and mode == PERMISSIVE:
-                await loop.connect_accepted_socket(factory, sock)
-                return
-            wait = self.detect_timeout if mode == PERMISSIVE else listener.header_timeout
-            if not await _readable(loop, sock, wait):
-                if mode == STRICT:
-                    listener._refused("no-data")
-                    sock.close()
-                    return
-                await loop.connect_accepted_socket(lambda: Sniffer(self, listener, silent=True), sock)
-                return
-            try:
-                first = sock.recv(1, socket.MSG_PEEK)
-            except (BlockingIOError, InterruptedError):
-                first = b"?"
-            if not first:
-                sock.close()
-                return
-            if first[0] != TLS_HANDSHAKE_RECORD:
-                if mode == STRICT:
-                    listener._refused("plaintext")
-                    sock.close()
-                    return
-                await loop.connect_accepted_socket(factory, sock)
-                return
-            if contexts is None:
-                listener._refused("no-certificate")
-                sock.close()
-                return
-            # A TlsStream rather than asyncio's TLS: a TCP stream on it can half-close.
-            await tlsstream.accept(
-                loop, sock, contexts.server, factory, handshake_timeout=HANDSHAKE_TIMEOUT,
-                on_failure=lambda exc: listener._refused(f"handshake: {exc.__class__.__name__}"))
-        except (OSError, TimeoutError, ConnectionError) as exc:  # ssl.SSLError is an OSError
-            listener._refused(f"handshake: {exc.__class__.__name__}")
-            log.debug("inbound TLS refused: %s", exc)
-            sock.close()
-        except Exception:  # pragma: no cover - a bug must not stop the accept loop
-            log.exception("inbound connection setup failed")
-            sock.close()
+        await accept_inbound(
+            loop, sock, context.tls, sniffer,
+            first_byte_timeout=context.header_timeout, on_refused=context.tls_refused,
+            server_first=ServerFirst(self.detect_timeout, lambda: Sniffer(self, context, silent=True)),
+            serve_tls=serve_tls_stream)

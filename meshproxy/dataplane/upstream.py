@@ -11,34 +11,70 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import socket
-import ssl
-from typing import TYPE_CHECKING
-
-from meshproxy.dataplane.tls import TLSState, peer_identity
+from meshproxy.dataplane.connect import connect_endpoint
+from meshproxy.dataplane.tls import TLSState
 from meshproxy.http1.errors import ConnectFailure, ProxyError
 from meshproxy.http1.events import END_OF_MESSAGE, ResponseHead, Upgrade
 from meshproxy.http1.reader import ResponseReader
 
-if TYPE_CHECKING:  # pragma: no cover
-    from meshproxy.dataplane.exchange import Exchange
-
 log = logging.getLogger("meshproxy.upstream")
 
 
-class UpstreamConnection(asyncio.Protocol):
-    """One TCP connection to an upstream endpoint, speaking HTTP/1.1 as a client."""
+class ResponseReceiver:
+    """What an upstream connection hands a response to: an exchange (dataplane/exchange.py),
+    or a mirror's sink that discards it (dataplane/mirror.py). Abstract."""
+
+    __slots__ = ()
+
+    def response_head(self, head: ResponseHead) -> None:
+        """A response head (an interim 1xx one, or the final one)."""
+        raise NotImplementedError  # abstract
+
+    def response_body(self, data: bytes) -> None:
+        raise NotImplementedError  # abstract
+
+    def response_end(self) -> None:
+        raise NotImplementedError  # abstract
+
+    def response_upgrade(self, rest: bytes) -> None:
+        """101 Switching Protocols: `rest` is what followed the head in the same read."""
+        raise NotImplementedError  # abstract
+
+    def flush(self) -> None:
+        """The events of one read have been handed over."""
+        raise NotImplementedError  # abstract
+
+    def upstream_failed(self, error: ProxyError, reset: bool = False) -> None:
+        """The upstream broke the protocol (or reset) mid-response."""
+        raise NotImplementedError  # abstract
+
+    def upstream_lost(self) -> None:
+        """The connection closed while carrying this response."""
+        raise NotImplementedError  # abstract
+
+    def upstream_write_paused(self) -> None:
+        raise NotImplementedError  # abstract
+
+    def upstream_write_resumed(self) -> None:
+        raise NotImplementedError  # abstract
+
+
+class UpstreamConnection:
+    """One TCP connection to an upstream endpoint, speaking HTTP/1.1 as a client (an asyncio
+    protocol: the loop calls its methods by name)."""
+
+    # Set by connection_made, before anything else uses it.
+    transport: asyncio.Transport
 
     __slots__ = (
         "pool", "transport", "reader", "exchange", "requests", "idle_since", "closed",
-        "tunnel_peer", "_lost_handled", "eof", "peer_eof",
+        "tunnel_peer", "eof", "peer_eof",
     )
 
     def __init__(self, pool: "ConnectionPool") -> None:
         self.pool = pool
-        self.transport: asyncio.Transport | None = None
         self.reader = ResponseReader()
-        self.exchange: "Exchange | None" = None
+        self.exchange: ResponseReceiver | None = None
         self.requests = 0  # exchanges carried so far; > 0 means the connection is reused
         self.idle_since = 0.0
         self.closed = False
@@ -186,38 +222,16 @@ class ConnectionPool:
     async def connect(self) -> UpstreamConnection:
         """Open a new connection. Raises ConnectFailure (refused, unreachable, timed out, or a
         TLS peer that failed the handshake or is not who the endpoint should be)."""
-        contexts = self.tls.contexts if self.tls is not None else None
-        try:
-            async with asyncio.timeout(self.connect_timeout):
-                if contexts is None:
-                    _, conn = await self.loop.create_connection(
-                        lambda: UpstreamConnection(self), self.host, self.port
-                    )
-                else:
-                    # Identity is the SPIFFE ID checked below, not a DNS name: no SNI needed.
-                    _, conn = await self.loop.create_connection(
-                        lambda: UpstreamConnection(self), self.host, self.port,
-                        ssl=contexts.client, server_hostname="",
-                    )
-        except TimeoutError:
-            raise ConnectFailure(f"connect to {self.host}:{self.port} timed out") from None
-        except ssl.SSLError as exc:
-            self.metrics.tls_handshake("outbound", "error")
-            raise ConnectFailure(f"TLS to {self.host}:{self.port}: {exc.reason or exc}") from None
-        except OSError as exc:
-            raise ConnectFailure(f"connect to {self.host}:{self.port}: {exc.strerror or exc}") from None
-        # Counted as soon as it is open: closing it (below, or later) is what uncounts it.
-        self.open_count += 1
-        if contexts is not None:
-            peer = peer_identity(conn.transport.get_extra_info("ssl_object"))
-            if self.expected_id is not None and peer != self.expected_id:
-                self.metrics.tls_handshake("outbound", "wrong-identity")
-                conn.transport.abort()
-                raise ConnectFailure(f"{self.host}:{self.port} is {peer}, expected {self.expected_id}")
-            self.metrics.tls_handshake("outbound", "ok")
-        sock = conn.transport.get_extra_info("socket")
-        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        def opened() -> None:
+            # Counted as soon as it is open: closing it (a wrong peer, or later) is what
+            # uncounts it (UpstreamConnection.connection_lost -> forget).
+            self.open_count += 1
+
+        _, conn = await connect_endpoint(
+            self.loop, self.host, self.port, lambda: UpstreamConnection(self),
+            timeout=self.connect_timeout, metrics=self.metrics, tls=self.tls,
+            expected_id=self.expected_id, on_open=opened)
+        assert isinstance(conn, UpstreamConnection)
         return conn
 
     def release(self, conn: UpstreamConnection) -> None:

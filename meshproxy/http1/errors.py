@@ -7,81 +7,100 @@ body, so a caller (or a test) can tell the proxy's answer from the application's
 from __future__ import annotations
 
 from http import HTTPStatus
+from typing import ClassVar
 
 
 class ProxyError(Exception):
     """An exchange the proxy ends itself, with a status and a spec §4 reason."""
 
-    status = 502
-    reason = "upstream-protocol-error"
-    overloaded = False
-    # Set by RequestReader.feed on a framing error: the events of the requests that were
-    # complete before the bad one, which are still answered.
-    completed: list | tuple = ()
+    # Per class: ClassVar, because compiled, an exception class gets no attribute defaults.
+    status: ClassVar[int] = 502
+    reason: ClassVar[str] = "upstream-protocol-error"
+    overloaded: ClassVar[bool] = False
 
     def __init__(self, detail: str = "") -> None:
         super().__init__(detail or self.reason)
         self.detail = detail
+        # Set by RequestReader.feed on a framing error: the events of the requests that were
+        # complete before the bad one, which are still answered. (Assigned here, not as a
+        # class-level default: compiled, an exception class gets no attribute defaults.)
+        self.completed: list | tuple = ()
 
 
 class BadRequest(ProxyError):
-    status, reason = 400, "bad-request"
+    status = 400
+    reason = "bad-request"
 
 
 class Unauthorized(ProxyError):
-    status, reason = 403, "unauthorized"
+    status = 403
+    reason = "unauthorized"
 
 
 class NoRoute(ProxyError):
-    status, reason = 404, "no-route"
+    status = 404
+    reason = "no-route"
 
 
 class HeaderTimeout(ProxyError):
-    status, reason = 408, "header-timeout"
+    status = 408
+    reason = "header-timeout"
 
 
 class BodyTooLarge(ProxyError):
-    status, reason = 413, "body-too-large"
+    status = 413
+    reason = "body-too-large"
 
 
 class HeadersTooLarge(ProxyError):
-    status, reason = 431, "headers-too-large"
+    status = 431
+    reason = "headers-too-large"
 
 
 class BackendNotFound(ProxyError):
-    status, reason = 500, "backend-not-found"
+    status = 500
+    reason = "backend-not-found"
 
 
 class ConnectFailure(ProxyError):
-    status, reason = 502, "connect-failure"
+    status = 502
+    reason = "connect-failure"
 
 
 class UpstreamReset(ProxyError):
-    status, reason = 502, "upstream-reset"
+    status = 502
+    reason = "upstream-reset"
 
 
 class UpstreamProtocolError(ProxyError):
-    status, reason = 502, "upstream-protocol-error"
+    status = 502
+    reason = "upstream-protocol-error"
 
 
 class UnknownDestination(ProxyError):
-    status, reason = 502, "unknown-destination"
+    status = 502
+    reason = "unknown-destination"
 
 
 class NoEndpoints(ProxyError):
-    status, reason = 503, "no-endpoints"
+    status = 503
+    reason = "no-endpoints"
 
 
 class NoHealthyEndpoints(ProxyError):
-    status, reason = 503, "no-healthy-endpoints"
+    status = 503
+    reason = "no-healthy-endpoints"
 
 
 class Overloaded(ProxyError):
-    status, reason, overloaded = 503, "overloaded", True
+    status = 503
+    reason = "overloaded"
+    overloaded = True
 
 
 class Timeout(ProxyError):
-    status, reason = 504, "timeout"
+    status = 504
+    reason = "timeout"
 
 
 def error_response(error: ProxyError, *, keep_alive: bool) -> bytes:

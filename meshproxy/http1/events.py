@@ -7,8 +7,13 @@ head that nothing changes is forwarded byte for byte.
 
 from __future__ import annotations
 
+from typing import Final
 
-def first_value(headers: list, name: bytes) -> bytes | None:
+# Header fields as received: (name, value) tuples, in order, case kept.
+HeaderList = list[tuple[bytes, bytes]]
+
+
+def first_value(headers: HeaderList, name: bytes) -> bytes | None:
     """Return the first value of field `name` (lower-case bytes) in (name, value) pairs."""
     for key, value in headers:
         if key.lower() == name:
@@ -29,7 +34,7 @@ class RequestHead:
         "keep_alive", "upgrade", "connection_tokens", "request_id", "expect_continue",
     )
 
-    def __init__(self, method: bytes, target: bytes, version: str, headers: list) -> None:
+    def __init__(self, method: bytes, target: bytes, version: str, headers: HeaderList) -> None:
         self.method = method
         self.target = target
         self.version = version
@@ -64,7 +69,7 @@ class ResponseHead:
         "upgrade", "close_delimited",
     )
 
-    def __init__(self, status: int, reason: bytes, version: str, headers: list) -> None:
+    def __init__(self, status: int, reason: bytes, version: str, headers: HeaderList) -> None:
         self.status = status
         self.reason = reason
         self.version = version
@@ -97,7 +102,7 @@ class _EndOfMessage:
         return "END_OF_MESSAGE"
 
 
-END_OF_MESSAGE = _EndOfMessage()
+END_OF_MESSAGE: Final = _EndOfMessage()
 
 
 class Upgrade:

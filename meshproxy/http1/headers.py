@@ -7,9 +7,13 @@ are streamed and may be re-framed (a close-delimited response becomes chunked, f
 
 from __future__ import annotations
 
+from typing import Final
+
+from meshproxy.http1.events import HeaderList
+
 # RFC 9110 §7.6.1 names these; Proxy-Connection is the old non-standard spelling clients still
 # send; Trailer announces trailer fields, which this proxy does not forward.
-HOP_BY_HOP = frozenset(
+HOP_BY_HOP: Final = frozenset(
     {
         b"connection",
         b"keep-alive",
@@ -22,11 +26,11 @@ HOP_BY_HOP = frozenset(
 )
 
 # Fields the readers look at while collecting headers (framing, routing, correlation).
-FRAMING_AND_HOP = HOP_BY_HOP | {b"content-length", b"host", b"x-request-id", b"expect"}
+FRAMING_AND_HOP: Final = HOP_BY_HOP | {b"content-length", b"host", b"x-request-id", b"expect"}
 
 
-_COMMON_CONNECTION = {b"keep-alive": (b"keep-alive",), b"close": (b"close",),
-                      b"Keep-Alive": (b"keep-alive",), b"Close": (b"close",)}
+_COMMON_CONNECTION: Final = {b"keep-alive": (b"keep-alive",), b"close": (b"close",),
+                             b"Keep-Alive": (b"keep-alive",), b"Close": (b"close",)}
 
 
 def connection_tokens(values: list[bytes]) -> tuple[bytes, ...]:
@@ -46,10 +50,10 @@ def connection_tokens(values: list[bytes]) -> tuple[bytes, ...]:
 
 # Connection tokens that name no field to drop. Host and x-request-id are end to end by their
 # nature: a Connection header naming them would let a client strip them between proxies.
-_NOT_DROPPED = frozenset({b"close", b"keep-alive", b"upgrade", b"host", b"x-request-id"})
+_NOT_DROPPED: Final = frozenset({b"close", b"keep-alive", b"upgrade", b"host", b"x-request-id"})
 
 
-def drop_connection_named(headers: list, tokens: tuple[bytes, ...]) -> list:
+def drop_connection_named(headers: HeaderList, tokens: tuple[bytes, ...]) -> HeaderList:
     """Return `headers` without the fields that the Connection header names (RFC 9110 §7.6.1).
 
     The common Connection values (keep-alive, close, upgrade) name nothing, and then the list

@@ -10,16 +10,19 @@ and responses without a body by request method (HEAD) and status (1xx, 204, 304)
 
 from __future__ import annotations
 
+import re
+from typing import Final
+
 import httptools
 
-import re
-
-from meshproxy.http1.errors import BadRequest, HeadersTooLarge, UpstreamProtocolError
-from meshproxy.http1.events import END_OF_MESSAGE, RequestHead, ResponseHead, Upgrade
+from meshproxy.http1.errors import (
+    BadRequest, HeadersTooLarge, ProxyError, UpstreamProtocolError,
+)
+from meshproxy.http1.events import END_OF_MESSAGE, HeaderList, RequestHead, ResponseHead, Upgrade
 from meshproxy.http1.headers import FRAMING_AND_HOP, connection_tokens, drop_connection_named
 
-MAX_HEADER_BYTES = 64 * 1024
-_BAD_REASON = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+MAX_HEADER_BYTES: Final = 64 * 1024
+_BAD_REASON: Final = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 
 
 class _HeadCollector:
@@ -30,9 +33,15 @@ class _HeadCollector:
         "_parser", "_mid_head", "_unparsed",
     )
 
+    # Set by each direction's __init__ (declared here for the methods below).
+    _max_head: int
+    _events: list
+    _error: ProxyError | None
+    _mid_head: bool
+
     def _reset_head(self) -> None:
-        self._headers: list = []
-        self._special: list = []
+        self._headers: HeaderList = []
+        self._special: HeaderList = []
         self._head_bytes = 0
         self._in_body = False
         # Bytes received while a head was incomplete. httptools holds an unfinished field line
@@ -79,7 +88,7 @@ class _HeadCollector:
     def on_body(self, body: bytes) -> None:
         self._events.append(body)
 
-    def _too_large(self) -> Exception:
+    def _too_large(self) -> ProxyError:
         """The error for a head over the limit; each direction names its own."""
         return HeadersTooLarge(f"head over {self._max_head} bytes")
 
@@ -97,8 +106,8 @@ class RequestReader(_HeadCollector):
 
     def __init__(self, max_header_bytes: int = MAX_HEADER_BYTES) -> None:
         self._max_head = max_header_bytes
-        self._events: list = []
-        self._error: Exception | None = None
+        self._events = []
+        self._error = None
         self._head: RequestHead | None = None
         self._last_head: RequestHead | None = None
         self._url_parts: list = []
@@ -107,7 +116,7 @@ class RequestReader(_HeadCollector):
         self._reset_head()
         self._parser = httptools.HttpRequestParser(self)
 
-    def _too_large(self) -> Exception:
+    def _too_large(self) -> ProxyError:
         return HeadersTooLarge(f"request head over {self._max_head} bytes")
 
     @property
@@ -212,7 +221,7 @@ class RequestReader(_HeadCollector):
         self._url_parts = []
 
 
-def _apply_request_rules(head: RequestHead, special: list, keep_alive: bool) -> None:
+def _apply_request_rules(head: RequestHead, special: HeaderList, keep_alive: bool) -> None:
     """Fill the head's framing and connection fields from the special headers; raise BadRequest."""
     hosts = 0
     te_values: list[bytes] = []
@@ -278,8 +287,8 @@ class ResponseReader(_HeadCollector):
 
     def __init__(self, max_header_bytes: int = MAX_HEADER_BYTES) -> None:
         self._max_head = max_header_bytes
-        self._events: list = []
-        self._error: Exception | None = None
+        self._events = []
+        self._error = None
         self._no_body = False
         self._renew = False
         self._head: ResponseHead | None = None
@@ -290,7 +299,7 @@ class ResponseReader(_HeadCollector):
         self._reset_head()
         self._parser = httptools.HttpResponseParser(self)
 
-    def _too_large(self) -> Exception:
+    def _too_large(self) -> ProxyError:
         return UpstreamProtocolError(f"response head over {self._max_head} bytes")
 
     @property

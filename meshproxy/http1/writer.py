@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from http import HTTPStatus
+from typing import Final
 
-from meshproxy.http1.events import RequestHead, ResponseHead
+from meshproxy.http1.events import HeaderList, RequestHead, ResponseHead
 
-LAST_CHUNK = b"0\r\n\r\n"
-_CRLF = b"\r\n"
+LAST_CHUNK: Final = b"0\r\n\r\n"
+_CRLF: Final = b"\r\n"
 
 
 def _reason_for(status: int) -> bytes:
@@ -18,7 +19,7 @@ def _reason_for(status: int) -> bytes:
 
 
 def request_head_bytes(
-    head: RequestHead, target: bytes, extra: list | None = None, *, upgrade: bool = False
+    head: RequestHead, target: bytes, extra: HeaderList | None = None, *, upgrade: bool = False
 ) -> bytes:
     """Return the request head to send upstream: HTTP/1.1, `target`, end-to-end headers,
     then `extra` headers, then the framing the body will be sent with.
@@ -44,7 +45,7 @@ def request_head_bytes(
 
 def response_head_bytes(
     head: ResponseHead, *, chunked: bool, keep_alive: bool, client_version: str,
-    extra: list | None = None,
+    extra: HeaderList | None = None,
 ) -> bytes:
     """Return the response head to send to the client.
 
@@ -74,6 +75,13 @@ def response_head_bytes(
     return b"".join(parts)
 
 
+def redirect_bytes(status: int, location: str, *, keep_alive: bool) -> bytes:
+    """Return a redirect response without a body (a route's RequestRedirect filter)."""
+    return b"HTTP/1.1 %d %s\r\nlocation: %s\r\ncontent-length: 0\r\n%s\r\n" % (
+        status, _reason_for(status), location.encode("latin-1"),
+        b"" if keep_alive else b"connection: close\r\n")
+
+
 def informational_bytes(head: ResponseHead) -> bytes:
     """Return an interim 1xx response (e.g. 100 Continue) as the client should see it."""
     reason = head.reason or _reason_for(head.status)
@@ -93,3 +101,35 @@ def chunk(data: bytes) -> list:
     if not data:
         return []
     return [b"%x\r\n" % len(data), data, _CRLF]
+
+
+def request_parts(head: RequestHead, target: bytes, body: list[bytes], *, complete: bool,
+                  upgrade: bool) -> list[bytes]:
+    """Return what a try sends first (for transport.writelines): the head, the body pieces
+    received so far framed as the head says (chunks when chunked), and the last chunk when
+    the request is already `complete`."""
+    parts = [request_head_bytes(head, target, upgrade=upgrade)]
+    if body:
+        if head.chunked:
+            for data in body:
+                parts += chunk(data)
+        else:
+            parts += body
+    if complete and head.chunked:
+        parts.append(LAST_CHUNK)
+    return parts
+
+
+def response_framing(request: RequestHead, response: ResponseHead,
+                     keep_alive: bool) -> tuple[bool, bool]:
+    """Return (chunked, keep_alive) for sending `response` on to the client of `request`
+    that the connection would otherwise keep (`keep_alive`). A body of unknown length
+    (chunked, or ended by the upstream's close: RFC 9112 §6.3) is chunked for an HTTP/1.1
+    client, so its connection outlives the upstream's; an HTTP/1.0 client learns the end of
+    such a body from the close."""
+    has_body = not (request.method == b"HEAD" or response.status in (204, 304))
+    if has_body and (response.chunked or response.close_delimited):
+        if request.version == "1.1":
+            return True, keep_alive
+        return False, False
+    return False, keep_alive

@@ -1,5 +1,5 @@
 """The access log (`meshproxy proxy --access-log PATH|-`): one JSON object per line, per request,
-including those the proxy refused before their head was complete (`record_refused`).
+including those the proxy refused before their head was complete (a RequestRecord with what is known).
 
 Lines are made on the event loop and written by a thread of their own, so that a slow disk
 or a stdout nobody reads never holds up a request:
@@ -171,15 +171,21 @@ class AccessLog:
             self._offset_until = now + 1.0
         self.write(format_line(self.clock, self.strings, start + self.offset, *fields))
 
-    def record_refused(self, start: float, direction: str, peer: str | None, status: int,
-                       duration: float, error: str) -> None:
-        """Log a request the proxy answered before it had a complete head (400 `bad-request`,
-        431 `headers-too-large`, 408 `header-timeout`): `start` the loop time its first
-        bytes came. What is not known is empty (trace ids, method) or null (request id,
-        authority, path, upstream); the service and route are as the metrics label them
-        (`unknown`, `default`); `peer` the client's address."""
-        self.record(start, b"", b"", None, None, direction, b"", None, None, None, 0, status,
-                    duration, 0, 0, "default", "unknown", error, peer)
+    def log_request(self, record, duration: float) -> None:
+        """Log one finished request from its RequestRecord (observability/record.py). For a
+        request answered before it had a complete head (400, 408, 431) what is not known is
+        empty (trace ids, method) or null (request id, authority, path, upstream)."""
+        trace = record.trace
+        if trace is None:
+            trace_id = span_id = b""
+            parent_id = None
+        else:
+            trace_id, span_id, parent_id = trace.trace_id, trace.span_id, trace.parent_id
+        self.record(record.start, trace_id, span_id, parent_id, record.request_id,
+                    record.direction, record.method, record.authority, record.target,
+                    record.endpoint, record.attempts, record.status, duration,
+                    record.request_bytes, record.response_bytes, record.route, record.service,
+                    record.error, record.peer)
 
     def write(self, line: bytes) -> None:
         """Queue one line (bytes ending in a newline)."""

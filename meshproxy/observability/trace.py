@@ -229,6 +229,13 @@ class Propagator:
         return TraceContext(trace_id, span_id, parent.span_id if parent is not None else None,
                             sampled, span)
 
+    def end_request(self, record) -> None:
+        """End the span of a finished request (observability/record.py's RequestRecord) with
+        its outcome, when one is recorded. Never raises."""
+        self.end(record.trace, status=record.status, error=record.error, route=record.route,
+                 service=record.service, endpoint=record.endpoint, attempts=record.attempts,
+                 request_id=record.request_id)
+
     def end(self, context: TraceContext, *, status: int, error: str | None, route: str,
             service: str, endpoint: str | None, attempts: int,
             request_id: bytes | None) -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import shlex
 from urllib.parse import urlsplit
 
-from meshproxy.policy.router import RouteTable
+from meshproxy.policy.router import RouteDecision, RouteTable
 
 
 class ExplainError(ValueError):
@@ -98,11 +98,18 @@ def explain(snapshot, request: str, namespace: str = "default") -> list[str]:
         endpoints = ", ".join(f"{i.name} {i.app_address}" for i in service.instances) or "none"
         lines.append(f"no routes: balanced across the Service's endpoints: {endpoints}")
         return lines
-    found = RouteTable(routes).match_with_prefix(method, target, headers.get)
-    if found is None:
+    decision = RouteTable(routes).decide(method, target, headers.get)
+    if decision is None:
         lines.append("matched: no rule -> 404 no-route")
         return lines
-    rule, _ = found
+    return lines + describe(decision, snapshot)
+
+
+def describe(decision: RouteDecision, snapshot) -> list[str]:
+    """The lines that say what `decision` does with a request: rule, filters, backends with
+    their shares (and those that do not exist), timeouts, retry."""
+    lines = []
+    rule = decision.matched
     name = f"{rule.route.metadata.namespace}/{rule.route.metadata.name}"
     lines.append(f"matched: route {name}, rule {rule.rule.name or rule.index} "
                  f"(metrics route label {rule.label})")

@@ -57,6 +57,32 @@ class MatchedRule:
         return self.rule.backend_refs[bisect_right(self.cumulative, point)]
 
 
+class RouteDecision:
+    """What a Service's routes decide for one request before anything is sent: the rule that
+    takes it (its metrics label, filters, weighted backends, timeouts and retry) and the
+    PathPrefix that matched (a ReplacePrefixMatch rewrite needs it). The data plane acts on
+    it (dataplane/routing.py) and `meshproxy check --explain` prints it (policy/explain.py)."""
+
+    __slots__ = ("matched", "prefix")
+
+    def __init__(self, matched: MatchedRule, prefix: str | None) -> None:
+        self.matched = matched
+        self.prefix = prefix
+
+    @property
+    def label(self) -> str:
+        return self.matched.label
+
+    @property
+    def rule(self) -> RouteRule:
+        """The route rule: its filters, timeouts and retry override the Service's policy."""
+        return self.matched.rule
+
+    def pick_backend(self, rng: Random) -> BackendRef | None:
+        """A backend by weight, or None when no backend has a weight (500)."""
+        return self.matched.pick_backend(rng)
+
+
 class _Candidate:
     """One match of one rule, compiled: the checks are ordered cheapest first."""
 
@@ -165,13 +191,12 @@ class RouteTable:
 
     def match(self, method: str, target: str, header: HeaderLookup) -> MatchedRule | None:
         """Return the rule that takes a request (`target` is path plus query), or None."""
-        found = self.match_with_prefix(method, target, header)
-        return found[0] if found is not None else None
+        decision = self.decide(method, target, header)
+        return decision.matched if decision is not None else None
 
-    def match_with_prefix(self, method: str, target: str,
-                          header: HeaderLookup) -> tuple[MatchedRule, str | None] | None:
-        """Like match(), with the PathPrefix that matched (None for other path matches), which
-        a ReplacePrefixMatch rewrite needs."""
+    def decide(self, method: str, target: str, header: HeaderLookup) -> RouteDecision | None:
+        """Return the decision for a request (`target` is path plus query), or None when no
+        rule matches it (then it gets 404 `no-route`, spec §3)."""
         path, _, query_text = target.partition("?")
         query = None
         if self.needs_query and query_text:
@@ -181,7 +206,7 @@ class RouteTable:
         for candidate in self.candidates:
             if candidate.matches(method, path, query, header):
                 prefix = candidate.path if candidate.path_type == "PathPrefix" else None
-                return candidate.rule, prefix
+                return RouteDecision(candidate.rule, prefix)
         return None
 
     def shadowed(self) -> list[MatchedRule]:

@@ -113,7 +113,7 @@ class Harness:
         for name in ("db", "delivery"):
             key = f"{name}.default"
             self.fronts[name] = await self._serve(
-                lambda key=key: TcpProxy(outbound, services[key], stats))
+                lambda key=key: TcpProxy(outbound.context, services[key], stats))
         return self
 
     async def _serve(self, factory) -> int:

@@ -239,9 +239,9 @@ def test_a_listener_that_gets_no_socket_says_so() -> None:
     async def create_server(*args, **kwargs):
         return server
 
-    listener = Listener.__new__(Listener)
-    listener.loop = SimpleNamespace(create_server=create_server)
-    listener.protocol_factory = object
+    context = SimpleNamespace(loop=SimpleNamespace(create_server=create_server), tls=None,
+                              direction="outbound")
+    listener = Listener(context, protocol_factory=object)
     with pytest.raises(OSError) as raised:
         asyncio.run(listener.start("::1", 15001))
     assert raised.value.errno == errno.EAFNOSUPPORT and server.closed

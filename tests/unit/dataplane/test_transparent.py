@@ -114,33 +114,32 @@ def resolver(policy: str = "ALLOW_ANY") -> tuple[TransparentOutboundResolver, De
 
 def test_the_original_destination_wins_over_the_host_header() -> None:
     r, d = resolver()
-    down = SimpleNamespace(original=("10.96.0.10", 80))
-    runtime, target = r.resolve(head(b"/x", host=b"db"), down)
+    runtime, target = r.resolve(head(b"/x", host=b"db"), original=("10.96.0.10", 80))
     assert runtime is d.services["web.default"] and target == b"/x"
 
 
 def test_without_an_original_destination_the_host_header_decides() -> None:
     r, d = resolver()
-    runtime, _ = r.resolve(head(b"/x", host=b"db"), SimpleNamespace(original=None))
+    runtime, _ = r.resolve(head(b"/x", host=b"db"), original=None)
     assert runtime is d.services["db.default"]
-    runtime, _ = r.resolve(head(b"/x", host=b"db"), None)
+    runtime, _ = r.resolve(head(b"/x", host=b"db"))
     assert runtime is d.services["db.default"]
 
 
 def test_absolute_form_becomes_origin_form_for_the_mesh_only() -> None:
     r, _ = resolver()
     h = head(b"http://web/a?b=1")
-    _, target = r.resolve(h, SimpleNamespace(original=("10.96.0.10", 80)))
+    _, target = r.resolve(h, original=("10.96.0.10", 80))
     assert target == b"/a?b=1" and h.host == b"web"
     # to a destination outside the mesh (another proxy, say) it is passed on unchanged
-    _, target = r.resolve(head(b"http://x.example/a"), SimpleNamespace(original=("192.0.2.9", 3128)))
+    _, target = r.resolve(head(b"http://x.example/a"), original=("192.0.2.9", 3128))
     assert target == b"http://x.example/a"
 
 
 def test_registry_only_answers_unknown_destination() -> None:
     r, _ = resolver("REGISTRY_ONLY")
     with pytest.raises(UnknownDestination):
-        r.resolve(head(b"/"), SimpleNamespace(original=("192.0.2.9", 80)))
+        r.resolve(head(b"/"), original=("192.0.2.9", 80))
 
 
 class FakeSocket:
