@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import shutil
+import subprocess
 import sys
 import tempfile
 from datetime import datetime, timezone
@@ -24,13 +26,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from harness.cli import (add_common_arguments, add_noise_arguments, busy_before_start,  # noqa: E402
-                         check_pinning, progress, start_run)
+from harness.cli import (add_baseline_argument, add_common_arguments,  # noqa: E402
+                         add_noise_arguments, busy_before_start, check_baseline, check_pinning,
+                         progress, start_run)
 from harness.cases import (ALL_CASES, MIB, REQUEST_CASES, LoadFailed,  # noqa: E402
                            LoadSettings, measure_requests, measure_stream)
 from harness.procs import Supervisor, log_tail  # noqa: E402
 from harness.report import machine_facts, markdown, summarise  # noqa: E402
-from harness.targets import ALL_TARGETS, Endpoint, Stack, TargetFailed  # noqa: E402
+from harness.sources import check_source, interpreter_of, source_env  # noqa: E402
+from harness.targets import (ALL_TARGETS, BASELINE_TARGET, Endpoint, Stack,  # noqa: E402
+                             TargetFailed)
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "out" / "latest.md"
 # Busy share of a core, before anything starts, above which the run is flagged as noisy.
@@ -68,6 +73,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         retries_help="times a measurement over --noise-limit is repeated (best is kept)")
     add_common_arguments(p, default_out=DEFAULT_OUT,
                          load_cpu_help="core for wrk, curl, the origin and this script")
+    add_baseline_argument(p)
     p.add_argument("--quick", action="store_true", help="smoke run: 2 s per case, 1 round")
     args = p.parse_args(argv)
     quick = {"duration": 2, "warmup": 1, "rounds": 1}
@@ -79,7 +85,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error("--duration and --rounds must be at least 1, --warmup and --noise-retries "
                 "at least 0")
     check_pinning(p, args)
+    check_baseline(p, args)
+    if args.baseline_src is not None:
+        args.targets = with_baseline(args.targets)
     return args
+
+
+def with_baseline(targets: list[str]) -> list[str]:
+    """Return targets with BASELINE_TARGET right after `meshproxy` (at the end without it),
+    so that the tables show the two sidecars side by side."""
+    if BASELINE_TARGET in targets:
+        return list(targets)
+    at = targets.index("meshproxy") + 1 if "meshproxy" in targets else len(targets)
+    return [*targets[:at], BASELINE_TARGET, *targets[at:]]
 
 
 def check_tools(args: argparse.Namespace) -> set[str]:
@@ -194,6 +212,19 @@ def run_rounds(args: argparse.Namespace, stack: Stack, settings: LoadSettings,
     return raw, messages
 
 
+def baseline_facts(src: Path | None, meshproxy_cmd: list[str]) -> dict[str, str]:
+    """Return the report's machine row for the baseline sidecar: where its meshproxy is
+    imported from (checked the same way as when it starts), or nothing without one."""
+    if src is None:
+        return {}
+    env = source_env(os.environ, [src])
+    try:
+        where = check_source(src, interpreter_of(meshproxy_cmd), env)
+    except (OSError, RuntimeError, subprocess.TimeoutExpired) as exc:
+        where = f"unavailable ({exc})"
+    return {BASELINE_TARGET: f"{src} (imports {where})"}
+
+
 def _clean_workdir(workdir: Path, keep: bool) -> None:
     """Remove the run's folder, or only its big file when its logs are worth keeping."""
     if keep:
@@ -224,7 +255,8 @@ def main(argv: list[str] | None = None) -> int:
         stack = Stack(supervisor, workdir, proxy_cpu=args.proxy_cpu, load_cpu=args.load_cpu,
                       big_file=big_file, start_timeout=args.start_timeout,
                       meshproxy_cmd=meshproxy_cmd,
-                      meshproxy_args=shlex.split(args.meshproxy_args))
+                      meshproxy_args=shlex.split(args.meshproxy_args),
+                      baseline_src=args.baseline_src)
         stack.start_origin()
         if "upload" in args.cases:
             stack.start_sink()
@@ -250,8 +282,10 @@ def main(argv: list[str] | None = None) -> int:
                      "duration": args.duration, "warmup": args.warmup, "rounds": args.rounds,
                      "stream_mib": args.stream_mib, "proxy_cpu": args.proxy_cpu,
                      "load_cpu": args.load_cpu, "targets": args.targets, "cases": args.cases,
-                     "noise_limit": args.noise_limit, "noise_retries": args.noise_retries},
-        "machine": machine_facts(meshproxy_cmd),
+                     "noise_limit": args.noise_limit, "noise_retries": args.noise_retries,
+                     "baseline_src": str(args.baseline_src) if args.baseline_src else None},
+        "machine": machine_facts(meshproxy_cmd) | baseline_facts(args.baseline_src,
+                                                                 meshproxy_cmd),
         "busy_before_start": busy_before,
         "failures": failures,
     }

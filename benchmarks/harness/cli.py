@@ -32,6 +32,25 @@ def add_common_arguments(p: argparse.ArgumentParser, *, default_out: Path, load_
     p.add_argument("--keep-workdir", action="store_true", help=workdir_help)
 
 
+def add_baseline_argument(p: argparse.ArgumentParser) -> None:
+    """Add --baseline-src DIR: a second meshproxy sidecar started the same way but importing
+    meshproxy from the source tree DIR. Check it with `check_baseline`. Only scripts that
+    measure such a target take it (run.py)."""
+    p.add_argument("--baseline-src", type=Path, default=None, metavar="DIR",
+                   help="also measure `meshproxy-base`: the sidecar run with the same command "
+                        "but importing meshproxy from the source tree DIR (PYTHONPATH=DIR)")
+
+
+def check_baseline(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Make --baseline-src absolute; exit through `p.error` when it holds no meshproxy
+    package (a typo would otherwise fall back to the installed one)."""
+    if args.baseline_src is None:
+        return
+    args.baseline_src = args.baseline_src.resolve()
+    if not (args.baseline_src / "meshproxy" / "__init__.py").is_file():
+        p.error(f"--baseline-src {args.baseline_src}: no meshproxy/__init__.py there")
+
+
 def add_noise_arguments(p: argparse.ArgumentParser, *, limit: float, retries_help: str,
                         limit_help: str = "share of a core (%%) other programs may use during "
                                           "a measurement") -> None:

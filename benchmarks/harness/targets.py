@@ -11,6 +11,7 @@ import http.client
 import os
 import re
 import socket
+import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -18,12 +19,16 @@ from pathlib import Path
 from typing import Sequence
 
 from harness.procs import Child, Supervisor, log_tail, wait_until
+from harness.sources import check_source, interpreter_of, source_env
 
 UPSTREAM_DIR = Path(__file__).resolve().parent.parent / "upstream"
 SINK_SCRIPT = Path(__file__).resolve().parent / "sink.py"
 HOST = "127.0.0.1"
 PROXY_TARGETS = ("nginx", "haproxy", "meshproxy")
 ALL_TARGETS = ("direct", *PROXY_TARGETS)
+# The sidecar started from another source tree (run.py --baseline-src): not in ALL_TARGETS,
+# the flag adds it, next to `meshproxy`.
+BASELINE_TARGET = "meshproxy-base"
 
 
 class TargetFailed(Exception):
@@ -111,12 +116,28 @@ def wait_ready(child: Child, ready, timeout: float, what: str) -> None:
     raise TargetFailed(f"{child.name} {state}; log {child.log_path}:\n{tail}")
 
 
+@dataclass(frozen=True)
+class MeshPorts:
+    """The four ports of one meshproxy sidecar."""
+
+    outbound: int
+    inbound: int
+    admin: int
+    health: int
+
+
 class Stack:
-    """Starts and describes the servers of one run. All ports are chosen at construction."""
+    """Starts and describes the servers of one run. All ports are chosen at construction.
+
+    `meshproxy_names` are the sidecars the run may start (each gets its own ports and
+    folder); with `baseline_src`, BASELINE_TARGET is one of them and runs from that tree.
+    """
 
     def __init__(self, supervisor: Supervisor, workdir: Path, *, proxy_cpu: int | None,
                  load_cpu: int | None, big_file: Path, start_timeout: float,
-                 meshproxy_cmd: Sequence[str], meshproxy_args: Sequence[str]) -> None:
+                 meshproxy_cmd: Sequence[str], meshproxy_args: Sequence[str],
+                 baseline_src: Path | None = None,
+                 meshproxy_names: Sequence[str] = ("meshproxy",)) -> None:
         self.sup = supervisor
         self.workdir = workdir
         self.proxy_cpu = proxy_cpu
@@ -125,8 +146,16 @@ class Stack:
         self.start_timeout = start_timeout
         self.meshproxy_cmd = list(meshproxy_cmd)
         self.meshproxy_args = list(meshproxy_args)
-        (self.origin_port, self.sink_port, self.nginx_port, self.haproxy_port,
-         self.mesh_outbound, self.mesh_inbound, self.mesh_admin, self.mesh_health) = free_ports(8)
+        self.baseline_src = baseline_src
+        names = list(dict.fromkeys(meshproxy_names))
+        if baseline_src is not None and BASELINE_TARGET not in names:
+            names.append(BASELINE_TARGET)
+        # One free_ports call for everything: ports chosen in separate calls could collide
+        # with ones chosen earlier whose server has not bound them yet.
+        ports = free_ports(4 + 4 * len(names))
+        self.origin_port, self.sink_port, self.nginx_port, self.haproxy_port = ports[:4]
+        self.mesh_ports = {name: MeshPorts(*ports[4 + 4 * i:8 + 4 * i])
+                           for i, name in enumerate(names)}
         self.origin: Child | None = None
         self.sink: Child | None = None
 
@@ -171,13 +200,12 @@ class Stack:
         elif target == "haproxy":
             endpoint = self._start_haproxy()
         elif target == "meshproxy":
-            endpoint = self._start_meshproxy()
+            endpoint = self.start_meshproxy("meshproxy")
+        elif target == BASELINE_TARGET and self.baseline_src is not None:
+            endpoint = self.start_meshproxy(BASELINE_TARGET, src=self.baseline_src)
         else:
             raise TargetFailed(f"unknown target {target!r}")
-        answer = _http_status(endpoint.port, "/", host="origin")
-        if answer != (200, b"ok\n"):
-            raise TargetFailed(f"{target}: GET / with Host: origin on port {endpoint.port} "
-                               f"answered {answer!r}, expected (200, b'ok\\n')")
+        check_forwards(endpoint)
         return endpoint
 
     def _start_nginx(self) -> Endpoint:
@@ -199,22 +227,49 @@ class Stack:
                    f"accept connections on {HOST}:{self.haproxy_port}")
         return Endpoint("haproxy", self.haproxy_port, child)
 
-    def _start_meshproxy(self) -> Endpoint:
-        directory = self._dir("meshproxy")
+    def start_meshproxy(self, name: str, *, src: Path | None = None,
+                        command: Sequence[str] | None = None, pythonpath: Sequence[Path] = (),
+                        env: dict[str, str] | None = None) -> Endpoint:
+        """Start the sidecar `name` (one of `meshproxy_names`) as `meshproxy proxy ...` with
+        the Mesh file of the run, and return its Endpoint once GET /ready answers 200.
+
+        `command` replaces --meshproxy-cmd (percall.py's counting wrapper); `src` is a source
+        tree to import meshproxy from instead of the installed package, checked before the
+        start; `pythonpath` goes on PYTHONPATH after it; `env` adds variables. Raises
+        TargetFailed when it does not start or imports meshproxy from elsewhere.
+        """
+        ports = self.mesh_ports[name]
+        directory = self._dir(name)
         mesh = directory / "mesh.yaml"
-        mesh.write_text(render("mesh.yaml", self._values(directory, self.mesh_outbound)))
-        argv = [*self.meshproxy_cmd, "proxy", "--config", str(mesh), "--service", "bench-client",
-                "--outbound-port", str(self.mesh_outbound),
-                "--inbound-port", str(self.mesh_inbound),
-                "--admin-port", str(self.mesh_admin),
-                "--health-port", str(self.mesh_health),
+        mesh.write_text(render("mesh.yaml", self._values(directory, ports.outbound)))
+        command = list(command or self.meshproxy_cmd)
+        argv = [*command, "proxy", "--config", str(mesh), "--service", "bench-client",
+                "--outbound-port", str(ports.outbound),
+                "--inbound-port", str(ports.inbound),
+                "--admin-port", str(ports.admin),
+                "--health-port", str(ports.health),
                 "--inbound-bind", HOST,  # nothing here needs to listen beyond loopback
                 *self.meshproxy_args]
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        paths = [*([src] if src is not None else []), *pythonpath]
+        child_env = source_env(dict(os.environ, PYTHONUNBUFFERED="1", **(env or {})), paths)
+        if src is not None:
+            try:
+                where = check_source(src, interpreter_of(command), child_env)
+            except (OSError, RuntimeError, subprocess.TimeoutExpired) as exc:
+                raise TargetFailed(f"{name}: {exc}") from exc
+            (directory / "imports.txt").write_text(where + "\n")  # kept with the logs
         try:
-            child = self.sup.start("meshproxy", argv, cpu=self.proxy_cpu, env=env)
+            child = self.sup.start(name, argv, cpu=self.proxy_cpu, env=child_env)
         except OSError as exc:
-            raise TargetFailed(f"meshproxy: cannot run {argv[0]!r}: {exc}") from exc
-        wait_ready(child, lambda: (_http_status(self.mesh_admin, "/ready") or (0,))[0] == 200,
-                   self.start_timeout, f"answer 200 to GET /ready on {HOST}:{self.mesh_admin}")
-        return Endpoint("meshproxy", self.mesh_outbound, child)
+            raise TargetFailed(f"{name}: cannot run {argv[0]!r}: {exc}") from exc
+        wait_ready(child, lambda: (_http_status(ports.admin, "/ready") or (0,))[0] == 200,
+                   self.start_timeout, f"answer 200 to GET /ready on {HOST}:{ports.admin}")
+        return Endpoint(name, ports.outbound, child)
+
+
+def check_forwards(endpoint: Endpoint) -> None:
+    """Raise TargetFailed unless GET / with Host: origin through the endpoint answers 200 "ok"."""
+    answer = _http_status(endpoint.port, "/", host="origin")
+    if answer != (200, b"ok\n"):
+        raise TargetFailed(f"{endpoint.name}: GET / with Host: origin on port {endpoint.port} "
+                           f"answered {answer!r}, expected (200, b'ok\\n')")
