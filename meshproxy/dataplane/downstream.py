@@ -174,14 +174,14 @@ class DownstreamConnection(ClientConnection):
     def pause_writing(self) -> None:
         # The client reads slower than the upstream sends: stop reading the upstream.
         self.writing_paused = True
-        upstream = self._tunnel or (self.current.upstream if self.current else None)
-        if upstream is not None and upstream.transport is not None:
+        upstream = self._tunnel or (self.current.upstream_connection() if self.current else None)
+        if upstream is not None:
             upstream.transport.pause_reading()
 
     def resume_writing(self) -> None:
         self.writing_paused = False
-        upstream = self._tunnel or (self.current.upstream if self.current else None)
-        if upstream is not None and upstream.transport is not None:
+        upstream = self._tunnel or (self.current.upstream_connection() if self.current else None)
+        if upstream is not None:
             upstream.transport.resume_reading()
 
     # -- what exchanges tell this connection (ClientConnection) --------------------------------
