@@ -26,7 +26,7 @@ class Attempts:
 
     __slots__ = (
         "loop", "rng", "metrics", "service_key", "budget", "rule", "per_try", "timeout",
-        "tried", "retries", "replay", "replay_bytes", "try_timer", "deadline_timer",
+        "tried", "retries", "made", "replay", "replay_bytes", "try_timer", "deadline_timer",
         "retry_timer",
     )
 
@@ -44,7 +44,8 @@ class Attempts:
         self.timeout = timeout
         self.per_try = per_try
         self.tried: set[str] | None = None  # endpoints already tried
-        self.retries = 0
+        self.retries = 0  # retries decided on (the rule's attempts bound them)
+        self.made = 0  # retries sent: their backoff was over (meshproxy_retries_total)
         # The body kept for replay; None once it outgrew REPLAY_LIMIT (or none is kept).
         self.replay: list[bytes] | None = [] if keep_body and rule.attempts > 0 else None
         self.replay_bytes = 0
@@ -94,16 +95,22 @@ class Attempts:
         return reason
 
     def schedule(self, reason: str, endpoint_key: str, retry: Callable[[], None]) -> None:
-        """Count a retry for `reason` away from `endpoint_key` and call `retry` after the
-        backoff (full jitter)."""
+        """Retry for `reason` away from `endpoint_key`: call `retry` after the backoff (full
+        jitter). It counts as made (metric, access log) once the backoff is over: one given
+        up during it (request timeout, client gone) was never sent."""
         if self.tried is None:
             self.tried = set()
         self.tried.add(endpoint_key)
         self.retries += 1
-        self.metrics.retry(self.service_key, reason)
         rule = self.rule
         delay = backoff_delay(self.retries - 1, rule.backoff_base, rule.backoff_max, self.rng)
-        self.retry_timer = self.loop.call_later(delay, retry)
+        self.retry_timer = self.loop.call_later(delay, self._backoff_over, reason, retry)
+
+    def _backoff_over(self, reason: str, retry: Callable[[], None]) -> None:
+        self.retry_timer = None
+        self.made += 1
+        self.metrics.retry(self.service_key, reason)
+        retry()
 
     # -- timers --------------------------------------------------------------------------------
 

@@ -90,7 +90,7 @@ class Exchange(ResponseSink):
                 if routed.failure is not None:
                     raise routed.failure
                 if routed.mirrors:
-                    self.mirror = context.mirrors.start(routed.mirrors, head, target)
+                    self._start_mirrors(routed.mirrors, target)
                 self.response_modifiers = routed.response_modifiers
                 route_rule = routed.rule
                 backend = routed.service
@@ -100,6 +100,18 @@ class Exchange(ResponseSink):
             self.forwarder.start(service, target, route_rule)
         except ProxyError as exc:
             self.fail(exc)
+
+    def _start_mirrors(self, runtimes: list, target: bytes) -> None:
+        mirror = self.context.mirrors.start(runtimes, self.head, target)
+        if mirror is None:
+            return
+        forwarder = self.forwarder
+        for data in forwarder.pending:  # read while a pipelined request waited its turn
+            mirror.keep(data)
+        if forwarder.request_complete:
+            mirror.request_complete()
+        else:
+            self.mirror = mirror
 
     def _request_read(self) -> bool:
         """True when nothing of the request is still to come from the client: it ended, or it

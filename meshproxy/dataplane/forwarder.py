@@ -120,6 +120,8 @@ class Forwarder(ResponseReceiver):
                                                 context.loop, context.rng, context.metrics)
         if attempts is not None:
             attempts.start_deadline(self._request_timed_out)
+            for data in self.pending:  # read while a pipelined request waited its turn
+                attempts.keep(data)
         self._attempt()
 
     def _attempt(self) -> None:
@@ -415,4 +417,4 @@ class Forwarder(ResponseReceiver):
         """How many tries were made (0: none began)."""
         if self.endpoint_try.endpoint is None:
             return 0
-        return self.attempts.retries + 1 if self.attempts is not None else 1
+        return self.attempts.made + 1 if self.attempts is not None else 1

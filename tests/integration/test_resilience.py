@@ -432,13 +432,13 @@ def test_route_retry_replaces_the_service_retry(proxy, b):
     assert len(good.requests(f"/status/500?{t}")) == 1
     assert call(proxy, "retry-app", f"/status/503?{t}").status_code == 503
     assert len(good.requests(f"/status/503?{t}")) == 3
-    # The route's backoff (10 ms doubling) replaces the Service's (1 s): 3 retries at once.
+    # The route's retry (3 retries on 500) replaces the Service's. That its backoff (10 ms
+    # doubling) replaces the Service's (1 s) is proven on virtual time in
+    # tests/unit/dataplane/test_attempts.py; full jitter makes no wall-clock bound tell them apart.
     t = tag()
-    response, took = timed(proxy, "retry-routed", f"/status/500?{t}",
-                           headers={"x-case": "backoff"})
+    response = call(proxy, "retry-routed", f"/status/500?{t}", headers={"x-case": "backoff"})
     assert response.status_code == 500
     assert len(good.requests(f"/status/500?{t}")) == 4
-    assert took < 0.5
     # The route's retries still keep to the idempotency rule.
     t = tag()
     response = call(proxy, "retry-routed", f"/status/500?{t}", method="POST", headers=routed)
@@ -453,7 +453,9 @@ def test_request_timeout_answers_504_in_about_its_time(proxy, b):
     t = tag()
     response, took = timed(proxy, "req-timeout", f"/slow/3000?{t}")
     assert is_proxy_error(response, 504, "timeout")
-    assert 0.45 <= took < 1.5
+    # Not before the 500 ms timeout; that it fires at exactly 500 ms is proven on virtual
+    # time (tests/unit/dataplane/test_attempts.py). The 3 s answer never came.
+    assert took >= 0.45
     assert len(b["good"].requests(f"/slow/3000?{t}")) == 1
     # A request that answers in time is not affected.
     assert call(proxy, "req-timeout", f"/slow/10?{t}").status_code == 200
@@ -463,10 +465,11 @@ def test_per_try_timeout_is_retried_on_the_fast_instance(proxy, b):
     t = tag()
     answers = [timed(proxy, "per-try", f"/echo?{t}-{i}") for i in range(4)]
     for response, took in answers:
+        # From `good`: slowpoke (2 s) was given up, not waited for.
         assert (response.status_code, response.headers["x-backend"]) == (200, "good")
-        assert took < 1.5  # slowpoke needs 2 s
-    # Round robin: the 1st and 3rd requests tried slowpoke first, for 300 ms.
-    assert [took >= 0.28 for _, took in answers] == [True, False, True, False]
+    # Round robin: the 1st and 3rd requests tried slowpoke first, for 300 ms (the exact
+    # per-try time and backoff are proven on virtual time in tests/unit/dataplane).
+    assert answers[0][1] >= 0.28 and answers[2][1] >= 0.28
     assert len(b["slowpoke"].requests(f"/echo?{t}")) == 2
     assert len(b["good"].requests(f"/echo?{t}")) == 4
     assert retries(proxy, "per-try", "timeout") == 2
@@ -476,8 +479,8 @@ def test_per_try_timeout_on_every_try_answers_504(proxy, b):
     t = tag()
     response, took = timed(proxy, "per-try-all", f"/slow/2000?{t}")
     assert is_proxy_error(response, 504, "timeout")
-    # Three tries of 300 ms, and at most 25 + 50 ms of backoff between them.
-    assert 0.85 <= took < 1.9
+    # Three tries of 300 ms (and backoffs between them): not sooner.
+    assert took >= 0.85
     assert len(b["good"].requests(f"/slow/2000?{t}")) == 3
     assert retries(proxy, "per-try-all", "timeout") == 2
 
@@ -485,8 +488,8 @@ def test_per_try_timeout_on_every_try_answers_504(proxy, b):
 def test_per_try_timeout_is_not_retried_for_post(proxy, b):
     t = tag()
     response, took = timed(proxy, "per-try-slow", f"/echo?{t}", method="POST", data=b"order")
-    assert is_proxy_error(response, 504, "timeout")
-    assert 0.28 <= took < 1.5
+    assert is_proxy_error(response, 504, "timeout")  # slowpoke's 2 s answer never came
+    assert took >= 0.28
     assert len(b["slowpoke"].requests(f"/echo?{t}")) == 1
     assert retries(proxy, "per-try-slow") == 0
 
@@ -495,24 +498,25 @@ def test_request_timeout_bounds_every_try_and_backoff(proxy, b):
     t = tag()
     response, took = timed(proxy, "deadline", f"/slow/3000?{t}")
     assert is_proxy_error(response, 504, "timeout")
-    # 5 retries of 250 ms would take over 1.25 s: the 600 ms request timeout ends them.
-    assert 0.55 <= took < 1.1
+    # 5 retries of 250 ms would take over 1.25 s: the 600 ms request timeout ends them (at
+    # exactly 600 ms, as tests/unit/dataplane/test_attempts.py proves on virtual time).
+    assert took >= 0.55
     assert 1 <= len(b["good"].requests(f"/slow/3000?{t}")) <= 3
 
 
 def test_route_timeouts_replace_the_service_timeouts(proxy, b):
     t = tag()
-    # The Service's own request timeout is 150 ms...
+    # The Service's own request timeout is 150 ms (the 400 ms answer never came)...
     response, took = timed(proxy, "route-timeouts-app", f"/slow/400?{t}")
     assert is_proxy_error(response, 504, "timeout")
-    assert took < 0.4
+    assert took >= 0.14
     # ...the route's is 600 ms: the same request through the route succeeds.
     response = call(proxy, "route-timeouts", f"/slow/400?{t}", headers={"x-case": "request"})
     assert response.status_code == 200
     response, took = timed(proxy, "route-timeouts", f"/slow/2000?{t}",
                            headers={"x-case": "request"})
     assert is_proxy_error(response, 504, "timeout")
-    assert 0.55 <= took < 1.5
+    assert took >= 0.55  # the route's 600 ms (exactly, on virtual time: tests/unit/dataplane)
     assert len(b["good"].requests(f"/slow/2000?{t}")) == 1
 
 
@@ -521,7 +525,7 @@ def test_route_backend_request_timeout_bounds_each_try(proxy, b):
     response, took = timed(proxy, "route-timeouts", f"/slow/2000?{t}",
                            headers={"x-case": "backend-request"})
     assert is_proxy_error(response, 504, "timeout")
-    assert 0.85 <= took < 1.9
+    assert took >= 0.85  # three tries of the route's 300 ms, not its 3 s request timeout
     assert len(b["good"].requests(f"/slow/2000?{t}")) == 3
     assert retries(proxy, "route-timeouts-app", "timeout") == 2
 
@@ -575,7 +579,9 @@ def test_failing_endpoint_is_ejected_probed_once_and_brought_back(proxy, b):
     state = endpoints(proxy, "breaker")[address]
     assert state["state"] == "ejected"
     assert state["ejected_until"] is not None
-    assert 0 < state["ejected_for_seconds"] <= 1.1
+    # At most the 1 s base time ±10% (the exact times, and the doubling below, are proven on
+    # virtual time in tests/unit/dataplane/test_tries.py; time left only shrinks).
+    assert state["ejected_for_seconds"] <= 1.1
     assert proxy.metric_sum("meshproxy_endpoints", service=f"breaker.{NS}",
                             state="ejected") == 1
     # While ejected it gets nothing.
@@ -594,7 +600,7 @@ def test_failing_endpoint_is_ejected_probed_once_and_brought_back(proxy, b):
     assert ejections() == 2
     state = endpoints(proxy, "breaker")[address]
     assert state["state"] == "ejected"
-    assert 1.2 < state["ejected_for_seconds"] <= 2.2
+    assert state["ejected_for_seconds"] <= 2.2
 
     # Healthy again: the next probe brings it back, and it takes its share once more.
     flappy.status = None
