@@ -10,10 +10,15 @@ RUN apt-get update \
  && rm -rf /var/lib/apt/lists/*
 
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml setup.py README.md ./
 COPY meshproxy ./meshproxy
-# The kubernetes extra: discovery, TokenReview and namespace reads from the API server.
-RUN pip install --no-cache-dir '.[kubernetes]' \
+# The kubernetes extra: discovery, TokenReview and namespace reads from the API server. The
+# request path is compiled with mypyc (setup.py), which needs a C compiler for the build only.
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends gcc libc6-dev \
+ && pip install --no-cache-dir '.[kubernetes]' \
+ && apt-get purge -y gcc libc6-dev && apt-get autoremove -y \
+ && rm -rf /var/lib/apt/lists/* \
  && cd / && rm -rf /src
 WORKDIR /
 

@@ -7,8 +7,6 @@ import os
 import sys
 from typing import Sequence
 
-from meshproxy import __version__
-
 # Spec §2 defaults; every one can be changed by a flag or a MESHPROXY_* variable.
 DEFAULT_PORTS = {
     "outbound_port": 15001,
@@ -160,11 +158,26 @@ def _add_up(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--state-dir", default=None, help="folder for logs and state (default: a temporary one)")
 
 
+class _VersionAction(argparse.Action):
+    """`--version`: the version and the build in force, e.g. `meshproxy 0.1.0 (compiled with
+    mypyc: 6 modules)`; worked out only when asked (it imports the compiled modules)."""
+
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS,
+                 help="show the version and whether the request path runs compiled, and exit"):
+        super().__init__(option_strings, dest=dest, default=default, nargs=0, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from meshproxy.build_info import version_line
+
+        print(version_line())
+        parser.exit()
+
+
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     """The parser of every command; with `only="proxy"`, of the sidecar's alone: the other
     commands' modules are then not even imported (a sidecar's memory is counted per pod)."""
     parser = argparse.ArgumentParser(prog="meshproxy", description="A service mesh in Python.")
-    parser.add_argument("--version", action="version", version=f"meshproxy {__version__}")
+    parser.add_argument("--version", action=_VersionAction)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     if only == "proxy":
         _add_proxy(sub)

@@ -5,7 +5,8 @@
 # dashboard queries, kubectl to render deploy/, redis and PostgreSQL servers and clients as
 # real non-HTTP traffic through the sidecars in tests/integration/test_transparent.py,
 # debootstrap for the base system tests/integration/test_image_recipe.py builds the
-# Dockerfile's recipe in) and the package with its test extras.
+# Dockerfile's recipe in, gcc to compile the request path with mypyc) and the package with its
+# test extras, compiled: it fails when the compiled build is not the one in force.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -14,13 +15,16 @@ declare -A provides=([curl]=curl [nginx]=nginx [haproxy]=haproxy [wrk]=wrk [ip]=
                      [iptables]=iptables [ps]=procps [promtool]=prometheus [kubectl]=kubectl
                      [redis-server]=redis-server [redis-cli]=redis-tools
                      [psql]=postgresql-client [pg_isready]=postgresql-client
-                     [debootstrap]=debootstrap)
+                     [debootstrap]=debootstrap [gcc]=gcc)
 missing=()
 for cmd in "${!provides[@]}"; do
   command -v "$cmd" >/dev/null 2>&1 || [ -x "/usr/sbin/$cmd" ] || missing+=("${provides[$cmd]}")
 done
 # Debian keeps the PostgreSQL server (and initdb) off PATH, under /usr/lib/postgresql/VERSION/bin.
 compgen -G "/usr/lib/postgresql/*/bin/postgres" >/dev/null || missing+=(postgresql)
+# Python's headers, for the compiled modules (a pyenv or python.org build has its own).
+python3 -c 'import os, sysconfig; os.stat(sysconfig.get_paths()["include"] + "/Python.h")' \
+  2>/dev/null || missing+=(python3-dev)
 if [ ${#missing[@]} -gt 0 ]; then
   SUDO=""
   [ "$(id -u)" -eq 0 ] || SUDO="sudo"
@@ -30,4 +34,11 @@ if [ ${#missing[@]} -gt 0 ]; then
   mapfile -t missing < <(printf '%s\n' "${missing[@]}" | sort -u)
   $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
+# The editable install compiles the modules in setup.py's COMPILED_MODULES with mypyc, beside
+# their sources (each pip install rebuilds them and removes the previous build's extensions).
 python3 -m pip install -q -e '.[test]'
+# The suite runs against the compiled build: fail here, with the reason, if it is not in force
+# (mypy refused a compiled module, no C compiler, ...; MESHPROXY_NO_COMPILE=1 skips the check).
+if [ "${MESHPROXY_NO_COMPILE:-0}" = "0" ]; then
+  python3 -m meshproxy.build_info --require-compiled
+fi

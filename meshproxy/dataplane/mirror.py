@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import logging
 
+from mypy_extensions import mypyc_attr
+
 from meshproxy.dataplane.upstream import ResponseReceiver
 from meshproxy.http1.errors import ProxyError
 from meshproxy.http1.events import RequestHead
@@ -99,6 +101,8 @@ class MirrorCopy:
                 self.mirrors.send(runtime, self.head, self.target, body)
 
 
+# Tests record the copies through a subclass; compiled, a class allows that only when it says so.
+@mypyc_attr(allow_interpreted_subclasses=True)
 class Mirrors:
     """Sends mirror copies for one proxy, bounded in number."""
 

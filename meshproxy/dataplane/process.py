@@ -90,6 +90,9 @@ async def serve(settings: ProxySettings, snapshot: Snapshot | None, *, control_u
     gc.set_threshold(20_000, 50, 100)
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, lambda: asyncio.ensure_future(proxy.drain()))
+    from meshproxy.build_info import version_line  # the build in force (compiled or not)
+
+    log.info("%s", version_line())
     log.info(
         "meshproxy proxy %s listening: outbound 127.0.0.1:%d inbound %s:%d admin 127.0.0.1:%d "
         "health :%d (%s)", settings.service_key, settings.outbound_port,

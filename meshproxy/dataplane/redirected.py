@@ -166,9 +166,8 @@ class TransparentOutboundResolver(Resolver):
     """Outbound requests by original destination; requests on connections that were not
     redirected by their authority, as OutboundResolver does."""
 
-    direction = "outbound"
-
     def __init__(self, base: OutboundResolver, originals: OriginalDestinations) -> None:
+        super().__init__("outbound")
         self.base = base
         self.originals = originals
 
@@ -248,9 +247,8 @@ class TransparentInboundResolver(Resolver):
     """Inbound requests as InboundResolver answers them (authorization, client id), sent to
     the app's original destination port when the connection was redirected."""
 
-    direction = "inbound"
-
     def __init__(self, base, apps: InboundApps | None) -> None:
+        super().__init__("inbound")
         self.base = base
         self.apps = apps
 

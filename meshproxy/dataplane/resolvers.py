@@ -9,6 +9,8 @@ AuthorizationPolicies allow the caller.
 
 from __future__ import annotations
 
+from mypy_extensions import mypyc_attr
+
 from meshproxy.config import Snapshot
 from meshproxy.dataplane.destinations import Destinations, ServiceRuntime
 from meshproxy.http1.errors import BadRequest, Unauthorized, UnknownDestination
@@ -42,11 +44,16 @@ def split_authority(authority: bytes) -> tuple[str, int | None]:
     return host, int(port)
 
 
+# Transparent mode's resolvers (dataplane/redirected.py, not compiled) subclass it.
+@mypyc_attr(allow_interpreted_subclasses=True)
 class Resolver:
     """Which Service a request on a listener goes to (abstract; the listener's context holds
     one). `direction` is the listener's: "outbound" or "inbound"."""
 
-    direction = "outbound"
+    def __init__(self, direction: str) -> None:
+        # An instance attribute, not a class one: compiled, a class attribute is an instance
+        # default that an uncompiled subclass (redirected.py) could not change.
+        self.direction = direction
 
     def resolve(self, head: RequestHead, client_id: str | None = None,
                 original: tuple[str, int] | None = None) -> tuple[ServiceRuntime, bytes]:
@@ -63,10 +70,9 @@ class Resolver:
 class OutboundResolver(Resolver):
     """Maps an outbound request to its destination Service by authority (spec §4)."""
 
-    direction = "outbound"
-
     def __init__(self, destinations: Destinations, namespace: str,
                  own_addresses: set[tuple[str, int]]) -> None:
+        super().__init__("outbound")
         self.destinations = destinations
         self.namespace = namespace
         # The proxy's own listeners: a request addressed to them would loop forever.
@@ -154,9 +160,8 @@ class InboundResolver(Resolver):
     removed, and it is set only when the connection is mTLS with a verified client certificate,
     so the app can trust it."""
 
-    direction = "inbound"
-
     def __init__(self, runtime: ServiceRuntime, authorizer=None) -> None:
+        super().__init__("inbound")
         self.runtime = runtime
         self.authorizer = authorizer  # None: no policy applies, everything is allowed
 

@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+
+from mypy_extensions import mypyc_attr
+
 from meshproxy.dataplane.connect import connect_endpoint
 from meshproxy.dataplane.tls import TLSState
 from meshproxy.http1.errors import ConnectFailure, ProxyError
@@ -180,6 +183,8 @@ class UpstreamConnection:
             self.transport.abort()
 
 
+# Subclassed by tests' scripted pools; compiled, a class allows that only when it says so.
+@mypyc_attr(allow_interpreted_subclasses=True)
 class ConnectionPool:
     """Idle keep-alive connections to one endpoint (host, port), newest first."""
 

@@ -90,7 +90,9 @@ def _build_environment() -> dict[str, str]:
 def _base_image(root: Path, base: str) -> None:
     """The stand-in for `base` (see the module docstring)."""
     assert base.startswith("python:3.11"), f"the recipe stands in for python:3.11 only, not {base}"
-    _sh("debootstrap", "--variant=minbase", "--include=python3,python3-venv,ca-certificates",
+    # python3-dev: the official image ships Python's headers (the compiled build needs them).
+    _sh("debootstrap", "--variant=minbase",
+        "--include=python3,python3-venv,python3-dev,ca-certificates",
         SUITE, str(root), "http://deb.debian.org/debian")
     for host_file in ("/etc/resolv.conf", "/etc/ssl/certs/ca-certificates.crt"):
         target = root / host_file.lstrip("/")
@@ -184,6 +186,13 @@ def test_the_default_command_runs_as_the_proxy_uid(image: Image) -> None:
     assert not (image.root / "src").exists()
     where = image.run(["python3", "-c", "import meshproxy; print(meshproxy.__file__)"])
     assert where.stdout.startswith("/usr/local/lib/python3.11/site-packages/meshproxy/")
+
+
+def test_the_image_runs_the_compiled_request_path(image: Image) -> None:
+    # the build's C compiler is gone again, and the request path is compiled
+    assert not (image.root / "usr/bin/gcc").exists()
+    version = image.run([*image.entrypoint, "--version"])
+    assert "compiled with mypyc" in version.stdout, version.stdout
 
 
 def test_the_init_container_can_print_its_rules(image: Image) -> None:
