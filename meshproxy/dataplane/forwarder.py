@@ -17,6 +17,7 @@ goes to the exchange through the `ResponseSink` calls below.
 from __future__ import annotations
 
 import asyncio
+from typing import Final
 
 from meshproxy.dataplane.attempts import Attempts, attempts_for
 from meshproxy.dataplane.client import PAUSE_BUFFER, PAUSE_UPSTREAM, ClientConnection
@@ -66,6 +67,39 @@ class ResponseSink:
     def response_broken(self, reason: str) -> None:
         """The accepted response cannot be completed (spec §4 `reason`)."""
         raise NotImplementedError  # abstract
+
+
+class _Detached(ResponseSink):
+    """The sink of a stopped forwarder: nothing reaches it any more (every caller checks
+    `done` first), and holding it instead of the exchange breaks the exchange ⇄ forwarder
+    reference cycle, so that both are freed by reference counting when the request ends
+    rather than left to the garbage collector (measured: a fifth of the proxy's time)."""
+
+    __slots__ = ()
+
+    def accept_head(self, head: ResponseHead) -> None:
+        pass
+
+    def accept_body(self, data: bytes) -> None:
+        pass
+
+    def accept_end(self) -> None:
+        pass
+
+    def accept_upgrade(self, conn: UpstreamConnection, rest: bytes, pending: list[bytes]) -> None:
+        conn.abort()
+
+    def flush(self) -> None:
+        pass
+
+    def forward_failed(self, error: ProxyError) -> None:
+        pass
+
+    def response_broken(self, reason: str) -> None:
+        pass
+
+
+DETACHED: Final = _Detached()
 
 
 class Forwarder(ResponseReceiver):
@@ -402,6 +436,7 @@ class Forwarder(ResponseReceiver):
         """The exchange ended: drop the connection if it still carries the request; close the
         try's books, the timers and the in-flight count. Idempotent."""
         self.done = True
+        self.sink = DETACHED
         self._drop_upstream()
         self._end_try(None)
         if self.attempts is not None:

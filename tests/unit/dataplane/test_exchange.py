@@ -385,3 +385,35 @@ def test_inbound_a_reset_is_answered_502_and_never_retried() -> None:
     mesh.loop.advance(SETTLE)
     assert (client.response.status, client.response.error) == (502, "upstream-reset")
     assert len(mesh.network.tries()) == 1 and mesh.network.dials == [APP]
+
+
+# --- what a finished request leaves behind ----------------------------------------------------
+
+
+def test_a_finished_request_leaves_no_reference_cycle_for_the_garbage_collector() -> None:
+    """Every object of a request (exchange, forwarder, record, heads) is freed by reference
+    counting when it ends: a cycle among them would leave each request to the cyclic garbage
+    collector, which cost a fifth of the proxy's time when the exchange and its forwarder
+    held each other."""
+    import gc
+
+    from meshproxy.dataplane.exchange import Exchange
+    from meshproxy.dataplane.forwarder import Forwarder
+
+    mesh = shop(A)
+    mesh.network.serve(A, response(200, b"ok"))
+    client = mesh.call(request("GET", "/warm-up"))
+    mesh.loop.run()
+    gc.collect()
+    gc.disable()
+    try:
+        for i in range(20):
+            client.send(request("GET", f"/{i}"))
+            mesh.loop.run()
+        alive = [o for o in gc.get_objects() if isinstance(o, (Exchange, Forwarder))]
+        unreachable = gc.collect()
+    finally:
+        gc.enable()
+    assert alive == [] and unreachable == 0
+    # (read last: the test's own parse of what the client got makes garbage of its own)
+    assert [r.status for r in client.responses()] == [200] * 21
