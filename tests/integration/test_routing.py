@@ -23,7 +23,7 @@ from support.proxy import ProxyProcess, closed_port, mesh_yaml, wait_for
 from support.rawbackend import RawBackend
 from support.rawhttp import Conn, get
 
-SPEC_ROUTES = Path(__file__).resolve().parents[3] / "shared" / "spec" / "examples" / "routes.yaml"
+SPEC_ROUTES = Path(__file__).resolve().parents[1] / "spec_examples" / "routes.yaml"
 NS = "default"
 
 

@@ -10,7 +10,7 @@ import pytest
 
 from meshproxy.config.check import run_check
 
-EXAMPLES = (Path(__file__).resolve().parents[3] / ".." / "shared" / "spec" / "examples").resolve()
+EXAMPLES = Path(__file__).resolve().parents[2] / "spec_examples"
 
 ROUTE = """\
 apiVersion: gateway.networking.k8s.io/v1

@@ -29,7 +29,7 @@ from meshproxy.kube.sidecar import DEFAULT_CONTROL, DEFAULT_IMAGE, PROXY_UID
 
 ROOT = Path(__file__).resolve().parents[3]
 DEPLOY = ROOT / "deploy"
-SPEC_EXAMPLES = ROOT.parent / "shared" / "spec" / "examples"
+SPEC_EXAMPLES = ROOT / "tests" / "spec_examples"
 SYSTEM_NAMESPACE = "meshproxy-system"
 
 

@@ -11,7 +11,7 @@ import pytest
 from meshproxy.config import load_config
 from meshproxy.policy.explain import ExplainError, explain, parse_request
 
-EXAMPLES = Path(__file__).resolve().parents[3].parent / "shared" / "spec" / "examples"
+EXAMPLES = Path(__file__).resolve().parents[2] / "spec_examples"
 
 
 @pytest.fixture(scope="module")

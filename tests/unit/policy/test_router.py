@@ -27,7 +27,7 @@ from meshproxy.config.model.route import (
 )
 from meshproxy.policy.router import RouteTable, compile_rule
 
-SPEC_ROUTES = (Path(__file__).resolve().parents[3] / ".." / "shared" / "spec" / "examples" / "routes.yaml").resolve()
+SPEC_ROUTES = Path(__file__).resolve().parents[2] / "spec_examples" / "routes.yaml"
 SERVICE = "svc.default"
 
 
