@@ -40,6 +40,7 @@ COMPILED_MODULES = [
     "meshproxy/dataplane/downstream.py",
     "meshproxy/dataplane/exchange.py",
     "meshproxy/dataplane/forwarder.py",
+    "meshproxy/dataplane/sink.py",
     "meshproxy/dataplane/attempts.py",
     "meshproxy/dataplane/tries.py",
     "meshproxy/dataplane/routing.py",

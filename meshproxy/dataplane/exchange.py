@@ -4,7 +4,7 @@ connection), send the response it accepts back to the client, and record the out
 
 An Exchange is driven by its client connection (dataplane/client.py), which hands it the
 request head, body pieces and the end of the request, and by its forwarder, which hands it
-the response (the `ResponseSink` calls). Bodies stream straight through; nothing is buffered
+the response (the `ResponseSink` calls, dataplane/sink.py). Bodies stream straight through; nothing is buffered
 whole. Errors the proxy answers itself (spec §4) are written here, from typed errors.
 """
 
@@ -14,7 +14,8 @@ from typing import Sequence
 
 from meshproxy.config.model.route import HeaderModifier
 from meshproxy.dataplane.client import ClientConnection
-from meshproxy.dataplane.forwarder import Forwarder, ResponseSink
+from meshproxy.dataplane.forwarder import Forwarder
+from meshproxy.dataplane.sink import ResponseSink
 from meshproxy.dataplane.mirror import MirrorCopy
 from meshproxy.dataplane.routing import route
 from meshproxy.dataplane.upstream import UpstreamConnection

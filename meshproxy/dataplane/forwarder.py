@@ -11,18 +11,18 @@ pauses the client when full.
 The forwarder is its upstream connection's `ResponseReceiver`. A try that fails before any of
 its response was accepted (connect failure, reset, per-try timeout, a retryable status) ends
 its books and goes round again when the Attempts allow; otherwise the failure, or the response,
-goes to the exchange through the `ResponseSink` calls below.
+goes to the exchange through its `ResponseSink` calls (dataplane/sink.py).
 """
 
 from __future__ import annotations
 
 import asyncio
-from typing import Final
 
 from meshproxy.dataplane.attempts import Attempts, attempts_for
 from meshproxy.dataplane.client import PAUSE_BUFFER, PAUSE_UPSTREAM, ClientConnection
 from meshproxy.dataplane.context import ListenerContext
 from meshproxy.dataplane.destinations import EndpointRuntime, ServiceRuntime
+from meshproxy.dataplane.sink import DETACHED, ResponseSink
 from meshproxy.dataplane.tries import EndpointTry
 from meshproxy.dataplane.upstream import ResponseReceiver, UpstreamConnection
 from meshproxy.http1.errors import Overloaded, ProxyError, Timeout, UpstreamReset
@@ -33,73 +33,6 @@ from meshproxy.policy.retry import CONNECT_FAILURE, IDEMPOTENT_METHODS, RESET, T
 # Request bytes held while the upstream connection is being set up; past this the client is
 # paused rather than buffered without bound.
 PENDING_BODY_LIMIT = 64 * 1024
-
-
-class ResponseSink:
-    """What a Forwarder hands over (abstract; the Exchange implements it)."""
-
-    __slots__ = ()
-
-    def accept_head(self, head: ResponseHead) -> None:
-        """A response head to send on: an interim 1xx one, or the final one (no retry)."""
-        raise NotImplementedError  # abstract
-
-    def accept_body(self, data: bytes) -> None:
-        raise NotImplementedError  # abstract
-
-    def accept_end(self) -> None:
-        """The response is complete (its connection is already back in the pool)."""
-        raise NotImplementedError  # abstract
-
-    def accept_upgrade(self, conn: UpstreamConnection, rest: bytes, pending: list[bytes]) -> None:
-        """101 Switching Protocols: `conn` and the client become a tunnel; `rest` is the
-        upstream's first tunnel bytes, `pending` the client's, held until now."""
-        raise NotImplementedError  # abstract
-
-    def flush(self) -> None:
-        """The events of one upstream read have been handed over."""
-        raise NotImplementedError  # abstract
-
-    def forward_failed(self, error: ProxyError) -> None:
-        """No try will be made any more and no response was accepted: answer `error`."""
-        raise NotImplementedError  # abstract
-
-    def response_broken(self, reason: str) -> None:
-        """The accepted response cannot be completed (spec §4 `reason`)."""
-        raise NotImplementedError  # abstract
-
-
-class _Detached(ResponseSink):
-    """The sink of a stopped forwarder: nothing reaches it any more (every caller checks
-    `done` first), and holding it instead of the exchange breaks the exchange ⇄ forwarder
-    reference cycle, so that both are freed by reference counting when the request ends
-    rather than left to the garbage collector (measured: a fifth of the proxy's time)."""
-
-    __slots__ = ()
-
-    def accept_head(self, head: ResponseHead) -> None:
-        pass
-
-    def accept_body(self, data: bytes) -> None:
-        pass
-
-    def accept_end(self) -> None:
-        pass
-
-    def accept_upgrade(self, conn: UpstreamConnection, rest: bytes, pending: list[bytes]) -> None:
-        conn.abort()
-
-    def flush(self) -> None:
-        pass
-
-    def forward_failed(self, error: ProxyError) -> None:
-        pass
-
-    def response_broken(self, reason: str) -> None:
-        pass
-
-
-DETACHED: Final = _Detached()
 
 
 class Forwarder(ResponseReceiver):
