@@ -140,12 +140,15 @@ class BuildMaybeCompiled(build_ext):
         return dirs
 
     def _remove_outputs(self) -> None:
-        names = [SHARED_LIBRARY, *map(_module_name, COMPILED_MODULES)]
+        # Every extension under meshproxy/, not only those of COMPILED_MODULES: a module taken
+        # off the list would otherwise leave its old shim behind, which then fails to import
+        # from a shared library that no longer has it. The package has no other extensions.
+        suffix = self.get_ext_filename("x")[1:]
         for top in self._output_dirs():
-            for name in names:
-                path = os.path.join(top, self.get_ext_filename(name))
-                if os.path.exists(path):
-                    os.remove(path)
+            for folder, _, files in os.walk(os.path.join(top, "meshproxy")):
+                for name in files:
+                    if name.endswith(suffix):
+                        os.remove(os.path.join(folder, name))
             manifest = os.path.join(top, MANIFEST)
             if os.path.exists(manifest):
                 os.remove(manifest)
