@@ -35,6 +35,8 @@ COMPILED_MODULES = [
     "meshproxy/policy/retry.py",
     "meshproxy/policy/breaker.py",
     "meshproxy/observability/record.py",
+    "meshproxy/observability/trace.py",
+    "meshproxy/observability/tracecontext.py",
     "meshproxy/dataplane/context.py",
     "meshproxy/dataplane/client.py",
     "meshproxy/dataplane/downstream.py",

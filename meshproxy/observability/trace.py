@@ -17,6 +17,7 @@ import logging
 import os
 import re
 from collections.abc import Mapping
+from typing import Any
 
 from meshproxy.observability.tracecontext import (
     B3,
@@ -104,8 +105,8 @@ class Propagator:
         self._random_bytes = rng.randbytes
         self._hex = b""
         self._pos = 0
-        self._kind = None
-        self._otel = None
+        self._kind: Any = None
+        self._otel: Any = None  # observability/otel.py, with a tracer
         if tracer is not None:
             from meshproxy.observability import otel
 
@@ -131,7 +132,8 @@ class Propagator:
         (`head.headers`, changed in place or replaced) and return the context. `transport`:
         the client connection's, read only for a recorded span (peer address, TLS)."""
         headers = head.headers
-        hits = None
+        hits: list[int] | None = None
+        trace_id: bytes | None
         i = 0
         for name, _ in headers:
             # The length first: it turns most other names away without lower-casing them.
@@ -172,8 +174,8 @@ class Propagator:
                     parent = parse_traceparent(value)
                     trace_id = None
                     if parent is not None:
-                        trace_id, parent_id, sampled = parent.trace_id, parent.span_id, \
-                            parent.sampled
+                        trace_id, parent_id = parent.trace_id, parent.span_id
+                        sampled = bool(parent.sampled)
                 if trace_id is not None:
                     span_id = self._new_id(16)
                     sampler = self.sampler
@@ -186,15 +188,15 @@ class Propagator:
                 # One b3 header with ids: replaced where it stands, as inject() would write it.
                 index = hits[0]
                 name, value = headers[index]
-                parent = parse_b3(value)
-                if parent.__class__ is Parent:
-                    trace_id = parent.trace_id
+                b3 = parse_b3(value)
+                if isinstance(b3, Parent):
+                    trace_id = b3.trace_id
                     span_id = self._new_id(16)
-                    sampled = self.sampler.child(parent.sampled, trace_id)
+                    sampled = self.sampler.child(b3.sampled, trace_id)
                     headers[index] = (name, format_b3(
-                        trace_id[16:] if parent.b3_short else trace_id, span_id, sampled,
-                        parent.debug, parent.span_id))
-                    return TraceContext(trace_id, span_id, parent.span_id, sampled)
+                        trace_id[16:] if b3.b3_short else trace_id, span_id, sampled,
+                        b3.debug, b3.span_id))
+                    return TraceContext(trace_id, span_id, b3.span_id, sampled)
         incoming = extract(headers, hits or [])
         return self._begin_general(head, incoming, transport)
 

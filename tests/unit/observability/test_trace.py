@@ -12,6 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import meshproxy
 import meshproxy.observability.tracecontext as tracecontext_module
 from meshproxy.http1.events import RequestHead
 from meshproxy.observability.trace import Tracing
@@ -324,7 +325,9 @@ def test_ratio_sampler_decides_by_trace_id_like_opentelemetry() -> None:
 
 
 def test_header_module_is_sans_io() -> None:
-    tree = ast.parse(Path(tracecontext_module.__file__).read_text())
+    # The source by its place in the package: a compiled module's __file__ is its extension.
+    source = Path(meshproxy.__file__).parent / "observability" / "tracecontext.py"
+    tree = ast.parse(source.read_text())
     imported = {alias.name.split(".")[0] for node in ast.walk(tree)
                 if isinstance(node, ast.Import) for alias in node.names}
     imported |= {node.module.split(".")[0] for node in ast.walk(tree)
