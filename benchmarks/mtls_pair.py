@@ -30,7 +30,6 @@ load during each measurement.
 from __future__ import annotations
 
 import argparse
-import json
 import shlex
 import shutil
 import sys
@@ -42,7 +41,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from harness.cli import (add_common_arguments, add_noise_arguments, busy_before_start,  # noqa: E402
-                         check_pinning, progress, start_run)
+                         check_pinning, progress, start_run, write_report)
 from harness.mtls_measure import MeasureFailed, Settings, measure  # noqa: E402
 from harness.mtls_report import markdown, summarise  # noqa: E402
 from harness.mtls_stack import MeasuredPath, Stack  # noqa: E402
@@ -238,13 +237,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     summary = summarise(rounds)
     report = markdown(meta, summary, labels)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(report)
-    args.out.with_suffix(".json").write_text(json.dumps(
-        {"meta": meta, "summary": summary, "rounds": rounds, "failures": failures}, indent=2))
-    print(report)
-    print(f"report written to {args.out} (raw figures: {args.out.with_suffix('.json')})",
-          file=sys.stderr)
+    write_report(args.out, report,
+                 {"meta": meta, "summary": summary, "rounds": rounds, "failures": failures})
     return 1 if failures else 0
 
 

@@ -36,7 +36,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from harness.cli import add_common_arguments, check_pinning, progress, start_run  # noqa: E402
+from harness.cli import (add_common_arguments, check_pinning, progress, start_run,  # noqa: E402
+                         write_report)
 from harness.fixedload import BadResponse, KeepAliveClient  # noqa: E402
 from harness.percall_stats import (alloc_figures, call_figures, default_roots,  # noqa: E402
                                    markdown)
@@ -224,13 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     report = markdown(meta, calls, allocs)
     if problems:
         report += "\nProblems:\n" + "".join(f"- {p}\n" for p in problems)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(report)
-    json_path = args.out.with_suffix(".json")
-    json_path.write_text(json.dumps({"meta": meta, "calls": calls, "allocations": allocs},
-                                    indent=2) + "\n")
-    print(report)
-    print(f"wrote {args.out} and {json_path}", file=sys.stderr)
+    write_report(args.out, report, {"meta": meta, "calls": calls, "allocations": allocs})
     return 1 if problems else 0
 
 

@@ -14,7 +14,6 @@ end, also on Ctrl-C, SIGTERM or an error.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shlex
 import shutil
@@ -28,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from harness.cli import (add_baseline_argument, add_common_arguments,  # noqa: E402
                          add_noise_arguments, busy_before_start, check_baseline, check_pinning,
-                         progress, start_run)
+                         progress, start_run, write_report)
 from harness.cases import (ALL_CASES, MIB, REQUEST_CASES, LoadFailed,  # noqa: E402
                            LoadSettings, measure_requests, measure_stream)
 from harness.procs import Supervisor, log_tail  # noqa: E402
@@ -291,13 +290,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     summary = summarise(raw)
     report = markdown(meta, summary)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(report)
-    json_path = args.out.with_suffix(".json")
-    json_path.write_text(json.dumps({"meta": meta, "summary": summary, "rounds": raw},
-                                    indent=2) + "\n")
-    print(report)
-    print(f"wrote {args.out} and {json_path}", file=sys.stderr)
+    write_report(args.out, report, {"meta": meta, "summary": summary, "rounds": raw})
     return 1 if failures else 0
 
 

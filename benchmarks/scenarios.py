@@ -20,7 +20,6 @@ every request) and stops them at the end, also on Ctrl-C, SIGTERM or an error.
 from __future__ import annotations
 
 import argparse
-import json
 import shlex
 import shutil
 import sys
@@ -31,7 +30,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from harness.cli import (add_common_arguments, busy_before_start, check_pinning, progress,  # noqa: E402
-                         start_run)
+                         start_run, write_report)
 from harness.procs import Supervisor  # noqa: E402
 from harness.report import machine_facts  # noqa: E402
 from harness.scenario_cases import CASE_KEYS, SCENARIOS, select  # noqa: E402
@@ -164,12 +163,7 @@ def main(argv: list[str] | None = None) -> int:
         "failures": failures,
     }
     report = markdown(meta, results)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(report)
-    json_path = args.out.with_suffix(".json")
-    json_path.write_text(json.dumps({"meta": meta, "results": results}, indent=2) + "\n")
-    print(report)
-    print(f"wrote {args.out} and {json_path}", file=sys.stderr)
+    write_report(args.out, report, {"meta": meta, "results": results})
     return 1 if failures else 0
 
 

@@ -4,6 +4,7 @@ pinning), how meshproxy is started, where the report goes, and how the script st
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shlex
 import shutil
@@ -119,3 +120,14 @@ def stop_on_signals() -> None:
 def progress(text: str) -> None:
     """One line of progress, on standard error (the report goes to files)."""
     print(text, file=sys.stderr, flush=True)
+
+
+def write_report(out: Path, report: str, raw: dict) -> None:
+    """Write the Markdown `report` to `out` and `raw` as JSON beside it (OUT.json), print the
+    report, and say on stderr where both went."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(report)
+    json_path = out.with_suffix(".json")
+    json_path.write_text(json.dumps(raw, indent=2) + "\n")
+    print(report)
+    print(f"wrote {out} and {json_path}", file=sys.stderr)
