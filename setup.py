@@ -35,6 +35,7 @@ COMPILED_MODULES = [
     "meshproxy/policy/retry.py",
     "meshproxy/policy/breaker.py",
     "meshproxy/observability/record.py",
+    "meshproxy/observability/metrics.py",
     "meshproxy/observability/trace.py",
     "meshproxy/observability/tracecontext.py",
     "meshproxy/dataplane/context.py",

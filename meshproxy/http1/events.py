@@ -62,18 +62,27 @@ class RequestHead:
 
 
 class ResponseHead:
-    """A status line and its end-to-end headers, with the framing the body will use."""
+    """A status line and its end-to-end headers, with the framing the body will use.
+
+    A head read from an upstream keeps its header lines as the bytes received (`raw`: each
+    line with its CRLF, framing and hop-by-hop lines already cut out), so that a head nothing
+    changes goes on to the client as those bytes. `headers`, the (name, value) list, is made
+    from them the first time something reads it; from then on the list is the head's truth
+    (it may be changed in place) and `raw` is None.
+    """
 
     __slots__ = (
-        "status", "reason", "version", "headers", "content_length", "chunked", "keep_alive",
-        "upgrade", "close_delimited",
+        "status", "reason", "version", "raw", "_headers", "content_length", "chunked",
+        "keep_alive", "upgrade", "close_delimited",
     )
 
-    def __init__(self, status: int, reason: bytes, version: str, headers: HeaderList) -> None:
+    def __init__(self, status: int, reason: bytes, version: str,
+                 headers: HeaderList | None = None, raw: bytes | None = None) -> None:
         self.status = status
         self.reason = reason
         self.version = version
-        self.headers = headers
+        self.raw = raw if headers is None else None
+        self._headers = headers if headers is not None or raw is not None else []
         self.content_length: int | None = None
         self.chunked = False
         self.keep_alive = True
@@ -81,6 +90,21 @@ class ResponseHead:
         # No Content-Length and not chunked on a response that has a body: it ends when the
         # server closes the connection (RFC 9112 §6.3 rule 8).
         self.close_delimited = False
+
+    @property
+    def headers(self) -> HeaderList:
+        """The end-to-end headers as (name, value) pairs, in the order and case received."""
+        headers = self._headers
+        if headers is None:
+            raw = self.raw
+            headers = self._headers = split_header_lines(raw) if raw else []
+            self.raw = None
+        return headers
+
+    @headers.setter
+    def headers(self, headers: HeaderList) -> None:
+        self._headers = headers
+        self.raw = None
 
     @property
     def informational(self) -> bool:
@@ -93,6 +117,18 @@ class ResponseHead:
 
     def __repr__(self) -> str:
         return f"ResponseHead({self.status} {self.reason!r})"
+
+
+def split_header_lines(raw: bytes) -> HeaderList:
+    """Return the (name, value) pairs of header lines as a reader received them (`raw`: lines
+    that llhttp has checked, each ending in CRLF), values without the whitespace around them
+    (RFC 9110 §5.5)."""
+    headers: HeaderList = []
+    for line in raw.split(b"\r\n"):
+        if line:
+            name, _, value = line.partition(b":")
+            headers.append((name, value.strip(b" \t")))
+    return headers
 
 
 class _EndOfMessage:

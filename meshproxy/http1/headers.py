@@ -53,16 +53,21 @@ def connection_tokens(values: list[bytes]) -> tuple[bytes, ...]:
 _NOT_DROPPED: Final = frozenset({b"close", b"keep-alive", b"upgrade", b"host", b"x-request-id"})
 
 
+def names_fields(tokens: tuple[bytes, ...]) -> bool:
+    """True when Connection `tokens` name fields to drop (anything but the common values)."""
+    for token in tokens:
+        if token not in _NOT_DROPPED:
+            return True
+    return False
+
+
 def drop_connection_named(headers: HeaderList, tokens: tuple[bytes, ...]) -> HeaderList:
     """Return `headers` without the fields that the Connection header names (RFC 9110 §7.6.1).
 
     The common Connection values (keep-alive, close, upgrade) name nothing, and then the list
     is returned as it is, without a copy.
     """
-    for token in tokens:
-        if token not in _NOT_DROPPED:
-            break
-    else:
+    if not names_fields(tokens):
         return headers
     named = set(tokens) - _NOT_DROPPED
     return [(k, v) for k, v in headers if k.lower() not in named]

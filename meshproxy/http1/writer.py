@@ -55,8 +55,7 @@ def response_head_bytes(
     """
     reason = head.reason or _reason_for(head.status)
     parts = [b"HTTP/1.1 %d " % head.status, reason, _CRLF]
-    for name, value in head.headers:
-        parts += (name, b": ", value, _CRLF)
+    _add_fields(parts, head)
     if extra:
         for name, value in extra:
             parts += (name, b": ", value, _CRLF)
@@ -75,6 +74,17 @@ def response_head_bytes(
     return b"".join(parts)
 
 
+def _add_fields(parts: list[bytes], head: ResponseHead) -> None:
+    """Add a response's end-to-end header lines: as received when nothing has read them as
+    fields (`raw`), else one line per (name, value)."""
+    raw = head.raw
+    if raw is not None:
+        parts.append(raw)
+        return
+    for name, value in head.headers:
+        parts += (name, b": ", value, _CRLF)
+
+
 def redirect_bytes(status: int, location: str, *, keep_alive: bool) -> bytes:
     """Return a redirect response without a body (a route's RequestRedirect filter)."""
     return b"HTTP/1.1 %d %s\r\nlocation: %s\r\ncontent-length: 0\r\n%s\r\n" % (
@@ -86,8 +96,7 @@ def informational_bytes(head: ResponseHead) -> bytes:
     """Return an interim 1xx response (e.g. 100 Continue) as the client should see it."""
     reason = head.reason or _reason_for(head.status)
     parts = [b"HTTP/1.1 %d " % head.status, reason, _CRLF]
-    for name, value in head.headers:
-        parts += (name, b": ", value, _CRLF)
+    _add_fields(parts, head)
     parts.append(_CRLF)
     return b"".join(parts)
 

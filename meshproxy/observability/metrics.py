@@ -6,8 +6,12 @@ costs several microseconds per request, so the hot path here is one dict
 lookup of a label tuple to a small mutable record, a ``bisect`` for the
 histogram bucket and a few integer additions. The numbers become Prometheus
 metric families only when someone scrapes ``/metrics``, through a custom
-collector registered in a ``CollectorRegistry`` that each ``ProxyMetrics``
-owns (no global registry).
+collector (observability/collector.py) registered in a ``CollectorRegistry``
+that each ``ProxyMetrics`` owns (no global registry).
+
+This module is compiled (setup.py): the per-request call is native code
+called natively from the data plane. That is why the collector, a subclass
+of prometheus-client's class, lives in a module of its own.
 
 Everything runs on the proxy's event loop thread; a scrape copies each dict
 before walking it, so a record added during rendering cannot break the walk.
@@ -26,8 +30,9 @@ from prometheus_client.metrics_core import (
     HistogramMetricFamily,
     Metric,
 )
-from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
+
+from meshproxy.observability.collector import MetricsCollector
 
 #: Upper bounds (seconds, inclusive) of the request duration histogram; a
 #: last, implicit +Inf bucket catches the rest. Spec §6: from 1 ms to 30 s.
@@ -112,7 +117,7 @@ class ProxyMetrics:
         self._config_errors = 0
         self._cert_expiry: float | None = None
         self.registry = CollectorRegistry(auto_describe=False)
-        self.registry.register(_ProxyCollector(self))
+        self.registry.register(MetricsCollector(self))
 
     # -- per request (hot path) ------------------------------------------------
 
@@ -232,13 +237,13 @@ class ProxyMetrics:
             "Time from the request's first byte to the response's last byte.",
             labels=("direction", "service", "route", "classification"),
         )
-        for labels, histogram in list(self._durations.items()):
+        for duration_labels, histogram in list(self._durations.items()):
             cumulative = 0
             buckets = []
             for le, count in zip(_BUCKET_LABELS, histogram.buckets):
                 cumulative += count
                 buckets.append((le, cumulative))
-            durations.add_metric(labels, buckets, histogram.sum)
+            durations.add_metric(duration_labels, buckets, histogram.sum)
         yield durations
 
         request_bytes = CounterMetricFamily(
@@ -251,9 +256,9 @@ class ProxyMetrics:
             "Response body bytes.",
             labels=("direction", "service"),
         )
-        for labels, io in list(self._bytes.items()):
-            request_bytes.add_metric(labels, io.request_bytes)
-            response_bytes.add_metric(labels, io.response_bytes)
+        for byte_labels, io in list(self._bytes.items()):
+            request_bytes.add_metric(byte_labels, io.request_bytes)
+            response_bytes.add_metric(byte_labels, io.response_bytes)
         yield request_bytes
         yield response_bytes
 
@@ -333,15 +338,3 @@ def _counter(
     for label_values, count in list(values.items()):
         family.add_metric(label_values, count)
     return family
-
-
-class _ProxyCollector(Collector):
-    """Adapts ``ProxyMetrics`` to the registry; kept apart so that the registry
-    does not treat the metrics object itself as a collector."""
-
-    def __init__(self, metrics: ProxyMetrics) -> None:
-        self._metrics = metrics
-
-    def collect(self) -> Iterator[Metric]:
-        """Yield the metric families of the current numbers."""
-        return self._metrics.collect()

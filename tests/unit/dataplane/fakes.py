@@ -38,7 +38,7 @@ from meshproxy.dataplane.localapp import local_app_runtime
 from meshproxy.dataplane.resolvers import InboundResolver, OutboundResolver
 from meshproxy.dataplane.upstream import ConnectionPool, UpstreamConnection
 from meshproxy.http1.errors import ConnectFailure
-from meshproxy.http1.events import END_OF_MESSAGE, RequestHead, ResponseHead
+from meshproxy.http1.events import END_OF_MESSAGE, RequestHead, ResponseHead, Upgrade
 from meshproxy.http1.reader import RequestReader, ResponseReader
 from meshproxy.observability.metrics import ProxyMetrics
 
@@ -407,7 +407,15 @@ def parse_responses(data: bytes) -> list[Response]:
     reader = ResponseReader()
     reader.expect(False)
     out: list[Response] = []
-    for event in reader.feed(bytes(data)) if data else []:
+    # The proxy's reader takes an upstream's responses one exchange at a time (a second
+    # response in the same read is the server breaking the protocol); the bytes a client got
+    # hold several responses, so they are fed a byte at a time.
+    events: list = []
+    for i in range(len(data)):
+        events += reader.feed(bytes(data[i:i + 1]))
+        if events and events[-1].__class__ is Upgrade:
+            break  # what follows is the new protocol's
+    for event in events:
         if event.__class__ is ResponseHead:
             out.append(Response(event))
         elif event is END_OF_MESSAGE:

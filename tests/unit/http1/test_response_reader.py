@@ -14,6 +14,7 @@ import pytest
 from meshproxy.http1.errors import UpstreamProtocolError
 from meshproxy.http1.events import END_OF_MESSAGE, ResponseHead, Upgrade
 from meshproxy.http1.reader import MAX_HEADER_BYTES, ResponseReader
+from meshproxy.http1.writer import informational_bytes, response_head_bytes
 
 RESP_FIELDS = (
     "status", "reason", "version", "headers", "content_length", "chunked", "keep_alive",
@@ -397,3 +398,64 @@ def test_keep_alive_connection_runs_several_exchanges() -> None:
                     b"1\r\nb\r\n0\r\n\r\n") == [Resp(chunked=True), b"b", END]
     assert exchange(reader, NEXT, size=3) == NEXT_EVENTS
     assert reader.feed_eof() == []
+
+
+# -- the head goes on as the bytes received ---------------------------------------------------
+
+
+NGINX_LIKE = (b"HTTP/1.1 200 OK\r\nServer: nginx\r\ncontent-TYPE:  text/plain \r\n"
+              b"Content-Length: 2\r\nConnection: keep-alive\r\nX-Odd:\tv1, v2\r\n\r\nok")
+
+
+@pytest.mark.parametrize("size", [None, 1, 7, 40])
+def test_response_head_is_forwarded_as_received_minus_framing_lines(size: int | None) -> None:
+    """The client gets the upstream's header lines byte for byte (case, spacing) without the
+    framing and hop-by-hop ones, which the proxy writes itself, however TCP split the head."""
+    reader = ResponseReader()
+    reader.expect(False)
+    events: list = []
+    step = size or len(NGINX_LIKE)
+    for start in range(0, len(NGINX_LIKE), step):
+        events += reader.feed(NGINX_LIKE[start:start + step])
+    head = events[0]
+    assert isinstance(head, ResponseHead)
+    out = response_head_bytes(head, chunked=False, keep_alive=True, client_version="1.1")
+    assert out == (b"HTTP/1.1 200 OK\r\nServer: nginx\r\ncontent-TYPE:  text/plain \r\n"
+                   b"X-Odd:\tv1, v2\r\ncontent-length: 2\r\n\r\n")
+    # Read as fields, the same lines give (name, value) pairs without the whitespace around
+    # values; from then on the pairs are what is written.
+    assert head.headers == [(b"Server", b"nginx"), (b"content-TYPE", b"text/plain"),
+                            (b"X-Odd", b"v1, v2")]
+    head.headers.append((b"x-added", b"1"))
+    assert response_head_bytes(head, chunked=False, keep_alive=True, client_version="1.1") == (
+        b"HTTP/1.1 200 OK\r\nServer: nginx\r\ncontent-TYPE: text/plain\r\nX-Odd: v1, v2\r\n"
+        b"x-added: 1\r\ncontent-length: 2\r\n\r\n")
+
+
+def test_fields_named_by_connection_are_not_forwarded() -> None:
+    data = (b"HTTP/1.1 200 OK\r\nConnection: X-Secret, close\r\nX-Secret: 1\r\nX-Kept: 2\r\n"
+            b"Content-Length: 0\r\n\r\n")
+    [head, end] = ResponseReader().feed(data)
+    out = response_head_bytes(head, chunked=False, keep_alive=False, client_version="1.1")
+    assert out == (b"HTTP/1.1 200 OK\r\nX-Kept: 2\r\ncontent-length: 0\r\n"
+                   b"connection: close\r\n\r\n")
+
+
+def test_interim_then_final_in_one_read_each_keep_their_own_lines() -> None:
+    data = (b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>\r\n\r\n"
+            b"HTTP/1.1 200 OK\r\nX-Final: 1\r\nContent-Length: 0\r\n\r\n")
+    [early, final, end] = ResponseReader().feed(data)
+    assert informational_bytes(early) == b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>\r\n\r\n"
+    assert response_head_bytes(final, chunked=False, keep_alive=True, client_version="1.1") == (
+        b"HTTP/1.1 200 OK\r\nX-Final: 1\r\ncontent-length: 0\r\n\r\n")
+    assert end is END_OF_MESSAGE
+
+
+def test_a_second_response_in_the_same_read_ends_the_connection_after_the_first() -> None:
+    """A server that answers twice cannot be trusted with the next request: the first
+    response goes on whole, and its connection is not reused."""
+    data = NEXT + b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"
+    reader = ResponseReader()
+    reader.expect(False)
+    assert describe(reader.feed(data)) == [
+        Resp(headers=[(b"X-Next", b"1")], content_length=4, keep_alive=False), b"next", END]
