@@ -48,6 +48,7 @@ COMPILED_MODULES = [
     "meshproxy/dataplane/tries.py",
     "meshproxy/dataplane/routing.py",
     "meshproxy/dataplane/upstream.py",
+    "meshproxy/dataplane/relay.py",
     "meshproxy/dataplane/mirror.py",
     "meshproxy/dataplane/destinations.py",
     "meshproxy/dataplane/resolvers.py",

@@ -93,6 +93,6 @@ class ClientConnection:
         raise NotImplementedError  # abstract: implemented by DownstreamConnection
 
     def start_tunnel(self, upstream: UpstreamConnection, pending: list[bytes]) -> None:
-        """After 101 Switching Protocols: relay bytes both ways between the client and
-        `upstream` (an UpstreamConnection), first sending `pending` to it."""
+        """After 101 Switching Protocols: the client and `upstream` become a byte relay
+        (dataplane/relay.py), `pending` (the client's bytes held until now) sent first."""
         raise NotImplementedError  # abstract: implemented by DownstreamConnection

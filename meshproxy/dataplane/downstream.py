@@ -2,9 +2,11 @@
 
 It parses requests (sans-I/O reader), runs their exchanges strictly one after another (a
 pipelined request waits, and the client is paused, until the previous response is complete),
-enforces the header-read and idle keep-alive timeouts, passes back-pressure on, and becomes a
-byte tunnel after a successful Upgrade. What its exchanges use of it is the ClientConnection
-base (dataplane/client.py).
+enforces the header-read and idle keep-alive timeouts, and passes back-pressure on. After a
+successful Upgrade (101) the client and upstream connections become a byte relay
+(dataplane/relay.py), which takes both transports over; the connection's own bookkeeping still
+ends in its connection_lost. What its exchanges use of it is the ClientConnection base
+(dataplane/client.py).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from typing import Sequence
 from meshproxy.dataplane.client import PAUSE_PIPELINE, ClientConnection
 from meshproxy.dataplane.context import ListenerContext
 from meshproxy.dataplane.exchange import Exchange
+from meshproxy.dataplane.relay import Relay
 from meshproxy.dataplane.tls import peer_identity
 from meshproxy.dataplane.upstream import UpstreamConnection
 from meshproxy.http1.errors import HeaderTimeout, ProxyError, error_response
@@ -31,7 +34,7 @@ class DownstreamConnection(ClientConnection):
     """A client connection on an inbound or outbound listener (an asyncio protocol)."""
 
     __slots__ = ("reader", "current", "parsing", "queue", "_state", "_deadline", "_timer",
-                 "_tunnel")
+                 "_relay")
 
     def __init__(self, context: ListenerContext, original: tuple[str, int] | None = None) -> None:
         super().__init__(context, original)
@@ -42,7 +45,9 @@ class DownstreamConnection(ClientConnection):
         self._state = _IDLE
         self._deadline = 0.0
         self._timer: asyncio.TimerHandle | None = None  # the connection's one timer
-        self._tunnel: UpstreamConnection | None = None
+        # After 101: the relay that has this connection's transport (the loop no longer
+        # calls this protocol; the relay calls its connection_lost).
+        self._relay: Relay | None = None
 
     # -- asyncio protocol ----------------------------------------------------------------------
 
@@ -64,10 +69,6 @@ class DownstreamConnection(ClientConnection):
         self._arm(_IDLE, context.idle_timeout)
 
     def data_received(self, data: bytes) -> None:
-        tunnel = self._tunnel
-        if tunnel is not None:
-            tunnel.transport.write(data)
-            return
         if self.closing:
             return
         reader = self.reader
@@ -137,16 +138,6 @@ class DownstreamConnection(ClientConnection):
 
     def eof_received(self) -> bool:
         self.eof = True
-        tunnel = self._tunnel
-        if tunnel is not None:
-            tunnel.peer_eof = True
-            if tunnel.eof:
-                # Both directions have ended: close (connection_lost closes the upstream too);
-                # keeping the half-closed pair open would leak both sockets.
-                return False
-            if tunnel.transport.can_write_eof():
-                tunnel.transport.write_eof()
-            return True
         if self.current is not None and self.parsing is None and not self.queue:
             # The client half-closed after a complete request: answer it, then close.
             return True
@@ -159,10 +150,8 @@ class DownstreamConnection(ClientConnection):
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        tunnel, self._tunnel = self._tunnel, None
-        if tunnel is not None:
-            tunnel.tunnel_peer = None
-            tunnel.close()
+        # (A relay has already ended the upstream; dropping it frees the pair.)
+        self._relay = None
         if self.current is not None:
             self.current.downstream_lost()
         for exchange in self.queue:
@@ -174,13 +163,13 @@ class DownstreamConnection(ClientConnection):
     def pause_writing(self) -> None:
         # The client reads slower than the upstream sends: stop reading the upstream.
         self.writing_paused = True
-        upstream = self._tunnel or (self.current.upstream_connection() if self.current else None)
+        upstream = self.current.upstream_connection() if self.current else None
         if upstream is not None:
             upstream.transport.pause_reading()
 
     def resume_writing(self) -> None:
         self.writing_paused = False
-        upstream = self._tunnel or (self.current.upstream_connection() if self.current else None)
+        upstream = self.current.upstream_connection() if self.current else None
         if upstream is not None:
             upstream.transport.resume_reading()
 
@@ -222,22 +211,27 @@ class DownstreamConnection(ClientConnection):
             self.transport.abort()
 
     def start_tunnel(self, upstream: UpstreamConnection, pending: list) -> None:
-        """After 101: relay bytes both ways until either side closes."""
+        """After 101: the client and `upstream` become a Relay (dataplane/relay.py), `pending`
+        sent first, until both directions have ended or either side goes away."""
         self.current = self.parsing = None
-        self._state = _BUSY
+        self._state = _BUSY  # no timer applies to a tunnel (the relay has no idle timeout)
         self._deadline = 0.0
-        self._tunnel = upstream
-        upstream.tunnel_peer = self.transport
-        if pending:
-            upstream.transport.writelines(pending)
+        # The pause reasons were the exchanges'; the relay reads the client and pauses it
+        # itself. A pause for a full upstream send buffer is dropped too, as it always was:
+        # the bit may outlive the connection that set it, and honouring a stale one would
+        # stall the tunnel for good; a real one costs at most some buffering until that
+        # buffer drains (its resume_writing then reaches the relay).
         self.paused = 0
-        self.transport.resume_reading()
-        if self.writing_paused:
-            upstream.transport.pause_reading()
+        relay = self._relay = Relay(self.transport, upstream.transport,
+                                    client_lost=self.connection_lost,
+                                    upstream_lost=upstream.connection_lost)
+        relay.start(pending, client_write_paused=self.writing_paused)
 
     def close_if_idle(self) -> None:
-        """Drain: close now if no request is in progress; otherwise after the response."""
-        if self.current is None and self._tunnel is None and (
+        """Drain: close now if no request is in progress; otherwise after the response. A
+        tunnel has no point at which it is idle: it goes on until it ends or the drain
+        timeout aborts it."""
+        if self.current is None and self._relay is None and (
             self.reader is None or not self.reader.in_message
         ):
             self._close()

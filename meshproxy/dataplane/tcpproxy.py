@@ -5,20 +5,15 @@ A `TcpProxy` takes over a client transport once detection (dataplane/transparent
 decided the connection is not HTTP/1. It picks an endpoint as a request would (balancer,
 circuit breaker; a refused connect is tried on another endpoint), opens the connection with
 mTLS to meshed endpoints exactly as the HTTP pools do (the peer must prove the endpoint's
-SPIFFE ID), and then relays:
+SPIFFE ID), and then hands both transports to the byte relay (dataplane/relay.py), which says
+how back-pressure, half-close and the end of either side are handled. The TLS legs between
+sidecars are TlsStreams (dataplane/tlsstream.py): unlike asyncio's TLS, they can half-close.
 
-- back-pressure: when one side's send buffer is full, the other side stops being read
-  (pause_reading) until it drains (resume_reading), so a fast sender cannot make the proxy
-  buffer without bound; bytes that arrive before the upstream is connected are held up to
-  PENDING_LIMIT, past which the client is paused too;
-- half-close: an EOF from one side is passed on as an EOF (shutdown of the write side) to
-  the other, and the connection lives on until both directions have ended. The TLS legs
-  between sidecars are TlsStreams (dataplane/tlsstream.py), which half-close with TLS 1.3's
-  close_notify. A transport that cannot half-close (asyncio's own TLS) gets this fallback: a
-  client's EOF is held back (a request-then-EOF client still gets its answer) and the pair
-  ends when the upstream closes; an upstream's EOF ends the pair;
-- errors: a reset on one side aborts the other; a clean close closes it once its buffered
-  bytes are sent.
+What is TCP's own stays here. Bytes that arrive before the upstream is connected are held up
+to PENDING_LIMIT, past which the client is paused; they go first once it is, and a client's
+EOF in the meantime goes after them. A server that speaks first may do so before the relay
+starts: its bytes go straight to the client. Bytes are counted both ways (the relay counts
+them once it has started).
 
 Limits (spec §3): outbound, a proxied connection is one upstream connection of its Service
 for as long as it is open (the endpoint pool's `open_count`, which HTTP's `maxConnections`
@@ -45,6 +40,7 @@ import logging
 from typing import TYPE_CHECKING
 
 from meshproxy.dataplane.connect import connect_endpoint, tls_stream
+from meshproxy.dataplane.relay import Relay
 from meshproxy.dataplane.tcpstats import TcpStats
 from meshproxy.http1.errors import ConnectFailure, ProxyError
 
@@ -56,9 +52,6 @@ log = logging.getLogger("meshproxy.tcp")
 
 # Client bytes held while the upstream connection is being opened.
 PENDING_LIMIT = 64 * 1024
-
-_PAUSE_PENDING = 1  # waiting for the upstream connection, buffer full
-_PAUSE_UPSTREAM = 2  # the upstream's send buffer is full
 
 
 async def open_upstream(loop: asyncio.AbstractEventLoop, pool: "ConnectionPool", protocol_factory,
@@ -73,34 +66,34 @@ async def open_upstream(loop: asyncio.AbstractEventLoop, pool: "ConnectionPool",
 
 
 class _Upstream(asyncio.Protocol):
-    """The upstream side of a TcpProxy."""
+    """The upstream connection's protocol until the relay takes its transport over
+    (TcpProxy._attach): the moments between its opening and the connecting task's resuming."""
 
-    __slots__ = ("proxy", "transport")
+    __slots__ = ("proxy", "transport", "eof", "lost")
 
     def __init__(self, proxy: "TcpProxy") -> None:
         self.proxy = proxy
         self.transport: asyncio.Transport | None = None
+        self.eof = False  # the server finished sending already: passed on when the relay starts
+        self.lost = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
 
     def data_received(self, data: bytes) -> None:
+        # A server that speaks first (a greeting) may already have.
         proxy = self.proxy
         proxy.counts.received += len(data)
         if proxy.transport is not None:
             proxy.transport.write(data)
 
     def eof_received(self) -> bool:
-        return self.proxy.upstream_eof()
+        self.eof = True
+        return self.transport.can_write_eof()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
         self.proxy.upstream_lost(exc)
-
-    def pause_writing(self) -> None:
-        self.proxy.pause(_PAUSE_UPSTREAM)
-
-    def resume_writing(self) -> None:
-        self.proxy.resume(_PAUSE_UPSTREAM)
 
 
 class TcpProxy(asyncio.Protocol):
@@ -108,12 +101,14 @@ class TcpProxy(asyncio.Protocol):
 
     Made by the detection step, which then calls connection_made and hands over the bytes
     already read. `runtime` None: the connection is refused (an unknown destination under
-    REGISTRY_ONLY, or an AuthorizationPolicy): closed at once."""
+    REGISTRY_ONLY, or an AuthorizationPolicy): closed at once.
+
+    The client transport's protocol until the relay starts; after that the relay calls
+    connection_lost."""
 
     __slots__ = (
-        "context", "loop", "direction", "runtime", "transport", "tls", "counts", "upstream",
-        "pending", "pending_bytes", "_paused", "client_eof", "upstream_ended", "closed",
-        "endpoint", "task",
+        "context", "loop", "direction", "runtime", "transport", "tls", "counts", "pending",
+        "pending_bytes", "client_eof", "client_write_paused", "closed", "endpoint", "task",
     )
 
     def __init__(self, context, runtime: "ServiceRuntime | None", stats: TcpStats) -> None:
@@ -126,17 +121,15 @@ class TcpProxy(asyncio.Protocol):
         self.tls = False
         key = runtime.key if runtime is not None else "unknown"
         self.counts = stats.counts(self.direction, key)
-        self.upstream: _Upstream | None = None
         self.pending: list[bytes] = []
         self.pending_bytes = 0
-        self._paused = 0
-        self.client_eof = False
-        self.upstream_ended = False
+        self.client_eof = False  # the client finished sending before the relay started
+        self.client_write_paused = False  # the client's send buffer is full (a greeting)
         self.closed = False
         self.endpoint: "EndpointRuntime | None" = None
         self.task: asyncio.Task | None = None
 
-    # -- client side --------------------------------------------------------------------------
+    # -- client side, until the relay starts ----------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -182,32 +175,23 @@ class TcpProxy(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.counts.sent += len(data)
-        upstream = self.upstream
-        if upstream is not None:
-            upstream.transport.write(data)
-            return
         if self.closed:
             return
         self.pending.append(data)
         self.pending_bytes += len(data)
         if self.pending_bytes > PENDING_LIMIT:
-            self.pause(_PAUSE_PENDING)
+            # Until the relay starts (it reads the client again).
+            self.transport.pause_reading()
 
     def eof_received(self) -> bool:
+        # Passed on after the held bytes, when the relay starts.
         self.client_eof = True
-        upstream = self.upstream
-        if upstream is not None:
-            if self.upstream_ended:
-                return False  # both directions have ended: close
-            if upstream.transport.can_write_eof():
-                upstream.transport.write_eof()
-            # else the EOF is held back (a request-then-EOF client still gets its answer);
-            # the pair ends when the upstream closes.
         # A transport that cannot half-close (asyncio's TLS) closes after an EOF whatever
         # this returns (and warns about True): the pair then ends.
         return self.transport.can_write_eof()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        # Once the relay has started, it calls this after ending the upstream.
         if self.transport is None:
             return
         self.transport = None
@@ -217,37 +201,17 @@ class TcpProxy(asyncio.Protocol):
         if self.task is not None:
             self.task.cancel()
             self.task = None
-        upstream, self.upstream = self.upstream, None
-        if upstream is not None and upstream.transport is not None:
-            if exc is None:
-                upstream.transport.close()  # after the bytes still buffered
-            else:
-                upstream.transport.abort()
-        self._release()
+        self.pending = []
+        self.pending_bytes = 0
         self.context.connection_closed(self)
 
     def pause_writing(self) -> None:
-        # The client reads slower than the upstream sends: stop reading the upstream.
-        upstream = self.upstream
-        if upstream is not None and upstream.transport is not None:
-            upstream.transport.pause_reading()
+        # Only a server's first bytes reach the client before the relay starts: it takes
+        # this on (no upstream to stop reading yet).
+        self.client_write_paused = True
 
     def resume_writing(self) -> None:
-        upstream = self.upstream
-        if upstream is not None and upstream.transport is not None:
-            upstream.transport.resume_reading()
-
-    def pause(self, reason: int) -> None:
-        if not self._paused and self.transport is not None:
-            self.transport.pause_reading()
-        self._paused |= reason
-
-    def resume(self, reason: int) -> None:
-        if not self._paused & reason:
-            return
-        self._paused &= ~reason
-        if not self._paused and self.transport is not None and not self.closed:
-            self.transport.resume_reading()
+        self.client_write_paused = False
 
     def close_if_idle(self) -> None:
         """Drain: a byte stream has no point at which it is idle; it goes on until it ends
@@ -303,44 +267,36 @@ class TcpProxy(asyncio.Protocol):
             self.transport.abort()
 
     def _attach(self, upstream: _Upstream) -> None:
-        if self.transport is None:  # the client left while connecting
+        """The upstream connection is open: relay from now on."""
+        client = self.transport
+        if client is None or self.closed or upstream.lost:
+            # The client left while connecting, or the upstream already ended (which ended
+            # the client: upstream_lost).
             upstream.transport.close()
             self._release_endpoint()
             return
-        self.upstream = upstream
-        transport = upstream.transport
-        if self.pending:
-            pending, self.pending = self.pending, []
-            self.pending_bytes = 0
-            transport.writelines(pending)
-            self.resume(_PAUSE_PENDING)
-        if self.client_eof:
-            if transport.can_write_eof():
-                transport.write_eof()
-
-    def upstream_eof(self) -> bool:
-        self.upstream_ended = True
-        client = self.transport
-        if client is None or self.client_eof or not client.can_write_eof():
-            # Both directions have ended, or the client cannot be half-closed: the server
-            # is done, so the pair ends (closing the upstream closes the client once its
-            # buffered bytes are sent).
-            return False
-        client.write_eof()
-        upstream = self.upstream
-        return upstream is not None and upstream.transport.can_write_eof()
+        pending, self.pending = self.pending, []
+        self.pending_bytes = 0
+        relay = Relay(client, upstream.transport, client_lost=self.connection_lost,
+                      upstream_lost=self._upstream_ended, counts=self.counts)
+        relay.start(pending, client_eof=self.client_eof, upstream_eof=upstream.eof,
+                    client_write_paused=self.client_write_paused)
 
     def upstream_lost(self, exc: Exception | None) -> None:
+        """The upstream connection ended before the relay started: so does the client's."""
         self._release_endpoint()
-        self.upstream = None
         client = self.transport
-        if client is None:
+        if client is None or self.closed:
             return
         self.closed = True
         if exc is None:
             client.close()  # after the bytes still buffered
         else:
             client.abort()
+
+    def _upstream_ended(self, exc: Exception | None) -> None:
+        # The relay's hook: it has already ended the client connection.
+        self._release_endpoint()
 
     def _release_endpoint(self) -> None:
         endpoint, self.endpoint = self.endpoint, None
@@ -349,7 +305,3 @@ class TcpProxy(asyncio.Protocol):
         endpoint.pool.open_count -= 1
         if endpoint.load.in_flight > 0:
             endpoint.load.in_flight -= 1
-
-    def _release(self) -> None:
-        self.pending = []
-        self.pending_bytes = 0

@@ -2,9 +2,13 @@
 
 An UpstreamConnection carries one exchange at a time (no pipelining towards upstreams: a
 failure would otherwise take several requests down with it). It turns bytes into response
-events for its exchange and passes back-pressure both ways. Pools keep idle connections
-newest-first, since the newest is the least likely to have been closed by the server, and close
-them after the idle timeout — short towards apps, which often close idle connections after 2-5 s.
+events for its exchange and passes back-pressure both ways. After a 101 (an accepted Upgrade)
+it carries bytes only: the byte relay (dataplane/relay.py) takes its transport over, and calls
+its connection_lost when it ends.
+
+Pools keep idle connections newest-first, since the newest is the least likely to have been
+closed by the server, and close them after the idle timeout — short towards apps, which often
+close idle connections after 2-5 s.
 """
 
 from __future__ import annotations
@@ -71,7 +75,6 @@ class UpstreamConnection:
 
     __slots__ = (
         "pool", "transport", "reader", "exchange", "requests", "idle_since", "closed",
-        "tunnel_peer", "eof", "peer_eof",
     )
 
     def __init__(self, pool: "ConnectionPool") -> None:
@@ -81,9 +84,6 @@ class UpstreamConnection:
         self.requests = 0  # exchanges carried so far; > 0 means the connection is reused
         self.idle_since = 0.0
         self.closed = False
-        self.tunnel_peer: asyncio.Transport | None = None
-        self.eof = False  # tunnel: the upstream has finished sending
-        self.peer_eof = False  # tunnel: the client has finished sending
 
     # asyncio.Protocol --------------------------------------------------------------------
 
@@ -93,10 +93,6 @@ class UpstreamConnection:
         self.transport = transport  # type: ignore[assignment]
 
     def data_received(self, data: bytes) -> None:
-        peer = self.tunnel_peer
-        if peer is not None:
-            peer.write(data)
-            return
         exchange = self.exchange
         if exchange is None:
             # Bytes on an idle connection: the server broke the protocol (or closed with a
@@ -124,15 +120,6 @@ class UpstreamConnection:
         exchange.flush()
 
     def eof_received(self) -> bool:
-        if self.tunnel_peer is not None:
-            self.eof = True
-            if self.peer_eof:
-                # Both directions have ended: close (connection_lost closes the client too);
-                # keeping the half-closed pair open would leak both sockets.
-                return False
-            if self.tunnel_peer.can_write_eof():
-                self.tunnel_peer.write_eof()
-            return True  # half-close: the other direction may still carry data
         exchange = self.exchange
         if exchange is not None:
             try:
@@ -146,11 +133,9 @@ class UpstreamConnection:
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
+        # Also called by the relay (dataplane/relay.py) that took a tunnel's transport over.
         self.closed = True
         self.pool.forget(self)
-        peer, self.tunnel_peer = self.tunnel_peer, None
-        if peer is not None:
-            peer.close()
         exchange, self.exchange = self.exchange, None
         if exchange is not None:
             exchange.upstream_lost()
@@ -159,14 +144,10 @@ class UpstreamConnection:
         # The upstream reads slower than the client sends: stop reading the client.
         if self.exchange is not None:
             self.exchange.upstream_write_paused()
-        elif self.tunnel_peer is not None:
-            self.tunnel_peer.pause_reading()
 
     def resume_writing(self) -> None:
         if self.exchange is not None:
             self.exchange.upstream_write_resumed()
-        elif self.tunnel_peer is not None:
-            self.tunnel_peer.resume_reading()
 
     # used by the exchange ----------------------------------------------------------------
 

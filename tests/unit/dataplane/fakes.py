@@ -5,8 +5,11 @@ virtual time.
 - `FakeLoop`: a virtual clock with timers, `call_soon`, futures and tasks that step their
   coroutines with `send`/`throw`; nothing happens until the test runs it (`run`, `advance`).
 - `FakeTransport`: both ends of a byte stream: the proxy's side (what it wrote, pause/resume,
-  close/abort) and the peer's (`feed`, `remote_close`, `remote_reset`), asyncio's ordering kept
-  (connection_lost comes one loop step after close/abort; bytes wait while reading is paused).
+  close/abort, half-close, the protocol it is handed over to) and the peer's (`feed`,
+  `remote_close`, `remote_reset`, a peer that reads slower: `send_buffer_full`), asyncio's
+  ordering kept (connection_lost comes one loop step after close/abort; bytes wait while
+  reading is paused). `half_close=False` plays asyncio's TLS: no write_eof, and it closes
+  after the peer's EOF whatever the protocol answers.
 - `Network`: stands in for the socket layer under each endpoint's real ConnectionPool
   (`ScriptedPool` overrides only `connect()`): it records every dial, refuses, hangs (until
   the pool's connect timeout) or opens a real UpstreamConnection over a FakeTransport, parses
@@ -258,10 +261,12 @@ class FakeLoop:
 class FakeTransport:
     """One connection: the proxy's transport, and the remote peer the test plays."""
 
-    def __init__(self, loop: FakeLoop, protocol, peername=("10.0.0.99", 50000)) -> None:
+    def __init__(self, loop: FakeLoop, protocol, peername=("10.0.0.99", 50000), *,
+                 half_close: bool = True) -> None:
         self.loop = loop
         self.protocol = protocol
         self.peername = peername
+        self.half_close = half_close
         self.data = bytearray()  # every byte the proxy wrote
         self.writes: list[tuple[float, bytes]] = []  # (loop time, bytes) per write call
         self.reading = True
@@ -280,6 +285,8 @@ class FakeTransport:
         self._written(b"".join(parts))
 
     def _written(self, data: bytes) -> None:
+        if self.eof_written:
+            raise RuntimeError("Cannot call write() after write_eof()")  # as asyncio's
         if self.aborted or self.lost or not data:
             return  # abort() discards what is not sent; a lost connection takes nothing
         self.data += data
@@ -321,10 +328,18 @@ class FakeTransport:
         return {"peername": self.peername}.get(name, default)
 
     def can_write_eof(self) -> bool:
-        return True
+        return self.half_close
 
     def write_eof(self) -> None:
+        if not self.half_close:
+            raise NotImplementedError("this transport cannot half-close")
         self.eof_written = True
+
+    def set_protocol(self, protocol) -> None:
+        self.protocol = protocol
+
+    def get_protocol(self):
+        return self.protocol
 
     def set_write_buffer_limits(self, high=None, low=None) -> None:
         pass
@@ -342,6 +357,14 @@ class FakeTransport:
         if self.reading:
             self._deliver()
 
+    def send_buffer_full(self) -> None:
+        """The peer reads slower than the proxy writes: the send buffer passes its high-water
+        mark."""
+        self.protocol.pause_writing()
+
+    def send_buffer_drained(self) -> None:
+        self.protocol.resume_writing()
+
     def remote_reset(self) -> None:
         """The peer resets the connection: connection_lost at once, with the error."""
         self._inbox.clear()
@@ -354,7 +377,8 @@ class FakeTransport:
         while self._inbox and self.reading and not self.closing:
             item = self._inbox.popleft()
             if item is None:
-                if not self.protocol.eof_received():
+                # A transport that cannot half-close closes whatever the protocol says.
+                if not self.protocol.eof_received() or not self.half_close:
                     self.close()
             else:
                 self.protocol.data_received(item)
