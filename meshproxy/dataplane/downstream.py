@@ -311,3 +311,27 @@ class DownstreamConnection(ClientConnection):
         self.closing = True
         if self.transport is not None:
             self.transport.close()
+
+
+class TlsDownstreamConnection(DownstreamConnection):
+    """A client connection over asyncio's TLS (inbound mTLS): the same, but the transport
+    decrypts into the TLS state's shared buffer (`TLSState.read_buffer`, dataplane/tls.py),
+    and each read is copied out at its size (the event loop sees get_buffer and reads this
+    protocol as a buffered one)."""
+
+    __slots__ = ()
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        tls = self.context.tls
+        assert tls is not None  # a TLS connection exists only on a listener with TLS
+        return tls.read_buffer
+
+    def buffer_updated(self, nbytes: int) -> None:
+        tls = self.context.tls
+        assert tls is not None
+        self.data_received(bytes(tls.read_buffer[:nbytes]))
+
+    def writelines(self, parts: list) -> None:
+        # One TLS record for what one read produced (a head and a small body): a record per
+        # piece would cost an encryption and 22 bytes each.
+        self.transport.write(b"".join(parts))

@@ -147,7 +147,7 @@ class Forwarder(ResponseReceiver):
             # Kept in the head, so that a retry sends the same id as the first try.
             head.headers.append((b"x-request-id", head.request_id))
         pending = self.pending
-        conn.transport.writelines(request_parts(head, self.target, pending,
+        conn.writelines(request_parts(head, self.target, pending,
                                                 complete=self.request_complete,
                                                 upgrade=self.upgrading))
         if pending:
@@ -171,7 +171,7 @@ class Forwarder(ResponseReceiver):
         conn = self.upstream
         if conn is not None:
             if self.head.chunked:
-                conn.transport.writelines(chunk(data))
+                conn.writelines(chunk(data))
             else:
                 conn.transport.write(data)
             return

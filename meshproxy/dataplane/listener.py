@@ -16,7 +16,7 @@ import socket
 from typing import Awaitable, Callable
 
 from meshproxy.dataplane.context import ListenerContext
-from meshproxy.dataplane.downstream import DownstreamConnection
+from meshproxy.dataplane.downstream import DownstreamConnection, TlsDownstreamConnection
 from meshproxy.dataplane.tls import accept_inbound
 
 log = logging.getLogger("meshproxy.listener")
@@ -38,6 +38,9 @@ class Listener:
         self.direction = context.direction
         self.protocol_factory: ProtocolFactory = (
             protocol_factory or (lambda: DownstreamConnection(context)))
+        # Over asyncio's TLS the default connection reads into the shared TLS buffer.
+        self.tls_protocol_factory: ProtocolFactory = (
+            protocol_factory or (lambda: TlsDownstreamConnection(context)))
         self.accept_socket = accept_socket or self._accept_inbound
         self.server: asyncio.base_events.Server | None = None
         self._socket: socket.socket | None = None
@@ -89,7 +92,8 @@ class Listener:
         context = self.context
         return accept_inbound(loop, sock, context.tls, self.protocol_factory,
                               first_byte_timeout=context.header_timeout,
-                              on_refused=context.tls_refused)
+                              on_refused=context.tls_refused,
+                              tls_protocol_factory=self.tls_protocol_factory)
 
     @property
     def port(self) -> int:

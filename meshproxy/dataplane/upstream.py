@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from typing import Callable
 
 from mypy_extensions import mypyc_attr
 
@@ -151,6 +152,10 @@ class UpstreamConnection:
 
     # used by the exchange ----------------------------------------------------------------
 
+    def writelines(self, parts: list) -> None:
+        """Send `parts` (one system call)."""
+        self.transport.writelines(parts)
+
     def close(self) -> None:
         """Close the connection; it never goes back to the pool."""
         self.closed = True
@@ -162,6 +167,30 @@ class UpstreamConnection:
         self.closed = True
         if self.transport is not None:
             self.transport.abort()
+
+
+class TlsUpstreamConnection(UpstreamConnection):
+    """An upstream connection over asyncio's TLS (mTLS to a meshed endpoint): the same, but
+    the transport decrypts into the TLS state's shared buffer (`TLSState.read_buffer`,
+    dataplane/tls.py), and each read is copied out at its size (the event loop sees
+    get_buffer and reads this protocol as a buffered one)."""
+
+    __slots__ = ()
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        tls = self.pool.tls
+        assert tls is not None  # made only by a pool with TLS
+        return tls.read_buffer
+
+    def buffer_updated(self, nbytes: int) -> None:
+        tls = self.pool.tls
+        assert tls is not None
+        self.data_received(bytes(tls.read_buffer[:nbytes]))
+
+    def writelines(self, parts: list) -> None:
+        # One TLS record for a head and the body read so far, or for a chunk and its framing:
+        # a record per piece would cost an encryption and 22 bytes each.
+        self.transport.write(b"".join(parts))
 
 
 # Subclassed by tests' scripted pools; compiled, a class allows that only when it says so.
@@ -213,8 +242,13 @@ class ConnectionPool:
             # uncounts it (UpstreamConnection.connection_lost -> forget).
             self.open_count += 1
 
+        tls = self.tls
+        if tls is not None and tls.contexts is not None:  # connect_endpoint's test for mTLS
+            factory: Callable[[], UpstreamConnection] = lambda: TlsUpstreamConnection(self)
+        else:
+            factory = lambda: UpstreamConnection(self)
         _, conn = await connect_endpoint(
-            self.loop, self.host, self.port, lambda: UpstreamConnection(self),
+            self.loop, self.host, self.port, factory,
             timeout=self.connect_timeout, metrics=self.metrics, tls=self.tls,
             expected_id=self.expected_id, on_open=opened)
         assert isinstance(conn, UpstreamConnection)

@@ -18,7 +18,9 @@ CA, expired, or none at all.
 
 from __future__ import annotations
 
+import hashlib
 import http.client
+import json
 import os
 import socket
 import ssl
@@ -37,7 +39,7 @@ import pytest
 import yaml
 
 from meshproxy.identity.ca import CertificateAuthority
-from support.backend import HttpBackend
+from support.backend import HttpBackend, pattern_sha256
 from support.control import ControlProcess
 from support.mtlsmesh import (
     Identities,
@@ -174,6 +176,37 @@ def test_a_call_between_sidecars_is_mutual_tls_and_the_app_learns_the_caller(mes
     for proxy in (mesh.client, server.proxy):
         expiry = proxy.metric_sum(EXPIRY)
         assert now < expiry <= now + 3601, expiry  # the control plane's --cert-lifetime 1h
+
+
+@pytest.mark.parametrize("framing", ["chunked", "length"])
+def test_bodies_larger_than_the_tls_read_buffer_cross_both_sidecars_intact(mesh, strict, framing):
+    """8 MiB each way over the mTLS hop: more than the 256 KiB buffer the sidecars decrypt
+    into (several reads fill it), chunked uploads framed one TLS record per chunk."""
+    size = 8 * 1024 * 1024
+    status, headers, body = request(
+        mesh.client.outbound, f"/bytes/{size}?framing={framing}", host=strict.service,
+        timeout=60)
+    assert status == 200 and headers["x-backend"] == strict.service
+    assert len(body) == size and hashlib.sha256(body).hexdigest() == pattern_sha256(size)
+
+    conn = http.client.HTTPConnection("127.0.0.1", mesh.client.outbound, timeout=60)
+    try:
+        conn.putrequest("POST", "/upload", skip_host=True, skip_accept_encoding=True)
+        conn.putheader("Host", strict.service)
+        conn.putheader("Transfer-Encoding", "chunked")
+        conn.endheaders()
+        sent = hashlib.sha256()
+        for i in range(size // 65536):
+            piece = bytes([i % 251]) * 65536
+            sent.update(piece)
+            conn.send(b"%x\r\n%s\r\n" % (len(piece), piece))
+        conn.send(b"0\r\n\r\n")
+        response = conn.getresponse()
+        answer = json.loads(response.read())
+    finally:
+        conn.close()
+    assert response.status == 200
+    assert answer == {"bytes": size, "sha256": sent.hexdigest()}
 
 
 def test_the_server_sidecar_proves_its_own_identity(mesh):
