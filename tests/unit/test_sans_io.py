@@ -1,6 +1,6 @@
 """Protocol and policy modules stay free of I/O (design convention 1: sans-I/O).
 
-Every module under meshproxy/policy/ and meshproxy/http1/ (found on disk, so new modules are
+Every module under meshproxy/policy/, meshproxy/http1/ and meshproxy/http2/ (found on disk, so new modules are
 covered without touching this file) must not import asyncio, socket, ssl or selectors:
 not directly, not through another meshproxy module it imports (or whose package it loads),
 and must not hold an object from those modules among its globals once imported.
@@ -19,7 +19,7 @@ import pytest
 import meshproxy
 
 FORBIDDEN = frozenset({"asyncio", "socket", "ssl", "selectors"})
-SANS_IO_PACKAGES = ("policy", "http1")
+SANS_IO_PACKAGES = ("policy", "http1", "http2")
 PACKAGE_ROOT = Path(meshproxy.__file__).resolve().parent
 FIRST_PARTY = "meshproxy"
 
