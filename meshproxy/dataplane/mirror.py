@@ -15,7 +15,7 @@ from mypy_extensions import mypyc_attr
 
 from meshproxy.dataplane.upstream import ResponseReceiver
 from meshproxy.http1.errors import ProxyError
-from meshproxy.http1.events import RequestHead
+from meshproxy.http1.events import RequestHead, ResponseHead
 from meshproxy.http1.writer import request_head_bytes
 
 log = logging.getLogger("meshproxy.mirror")
@@ -28,11 +28,18 @@ MAX_MIRROR_BODY = 64 * 1024
 class _Sink(ResponseReceiver):
     """Stands in for an exchange on the mirror's upstream connection: reads and discards."""
 
-    __slots__ = ("done", "keep_alive")
+    __slots__ = ("done", "head")
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.done = loop.create_future()
-        self.keep_alive = True
+        self.head: ResponseHead | None = None  # the final response's
+
+    @property
+    def keep_alive(self) -> bool:
+        """Whether the connection may carry another request, read once the response ended:
+        `Connection: close` (or HTTP/1.0 without keep-alive, RFC 9112 §9.6), or the reader
+        found the server breaking the protocol after the response."""
+        return self.head is None or self.head.keep_alive
 
     def _finish(self, ok: bool) -> None:
         if not self.done.done():
@@ -40,9 +47,7 @@ class _Sink(ResponseReceiver):
 
     def response_head(self, head) -> None:
         if not head.informational:
-            # `Connection: close` (or HTTP/1.0 without keep-alive): the connection must not
-            # carry another request (RFC 9112 §9.6).
-            self.keep_alive = head.keep_alive
+            self.head = head
 
     def response_body(self, data: bytes) -> None:
         pass

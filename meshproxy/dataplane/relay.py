@@ -171,11 +171,14 @@ class Relay:
         client.transport.set_protocol(client)  # type: ignore[arg-type]
         upstream.transport.set_protocol(upstream)  # type: ignore[arg-type]
         # Whatever paused the client's reading before (a full buffer of held bytes, a
-        # pipelined request) was its previous owner's; the relay pauses it again itself.
-        client.transport.resume_reading()
+        # pipelined request) was its previous owner's; the relay pauses it again itself. A
+        # side that already sent its EOF is not read again (libuv leaves reading after EOF
+        # undefined; uvloop would report the EOF once more).
+        if not client_eof:
+            client.transport.resume_reading()
         if client_write_paused:
             upstream.transport.pause_reading()
-        else:
+        elif not upstream_eof:
             upstream.transport.resume_reading()
         if pending:
             # After the handover: a full send buffer here pauses the client through its end.

@@ -550,7 +550,10 @@ class ResponseReader:
 
     def on_body(self, body: bytes) -> None:
         if self._renew:
-            self._fail(UpstreamProtocolError("body sent in a response to HEAD"))
+            # A body after the head of a response to HEAD: the server broke the protocol, as
+            # with a second response (the response went on whole at its head; the connection
+            # is not reused), however TCP split it.
+            self._fail(_AfterResponse("body sent in a response to HEAD"))
         self._events.append(body)
 
     def on_message_complete(self) -> None:

@@ -213,6 +213,17 @@ def test_eofs_that_came_before_the_relay_started_are_passed_on() -> None:
     assert pair.both_closed
 
 
+def test_a_side_whose_eof_came_before_the_relay_is_not_read_again() -> None:
+    """Reading after EOF is undefined in libuv (uvloop reports the EOF once more)."""
+    loop = FakeLoop()
+    client = FakeTransport(loop, Owner())
+    upstream = FakeTransport(loop, Owner(), ("10.0.0.1", 8080))
+    client.pause_reading()  # as the previous owner left it after the client's EOF
+    upstream.pause_reading()
+    Relay(client, upstream).start(client_eof=True)
+    assert not client.reading and upstream.reading
+
+
 # --- a transport that cannot half-close (asyncio's TLS) ------------------------------------
 
 
