@@ -1,4 +1,5 @@
-"""A client connection as its exchanges see it: where response bytes go, how the client is
+"""A client connection as its exchanges see it: where the response goes (head, body pieces,
+end: framed here for HTTP/1.1, so an exchange holds no bytes of its own), how the client is
 paused, who the client is, and what happens when an exchange ends.
 
 `DownstreamConnection` (dataplane/downstream.py) is the one implementation: it reads requests
@@ -14,6 +15,14 @@ from meshproxy.config.model.mesh import join_host_port
 from meshproxy.dataplane.context import ListenerContext
 from meshproxy.dataplane.upstream import UpstreamConnection
 from meshproxy.http1.errors import ProxyError, error_response
+from meshproxy.http1.events import RequestHead, ResponseHead
+from meshproxy.http1.writer import (
+    LAST_CHUNK,
+    chunk,
+    informational_bytes,
+    response_framing,
+    response_head_bytes,
+)
 
 # Why the client is not being read; reading resumes when no reason is left.
 PAUSE_PIPELINE = 1  # a request waits behind the one in flight
@@ -29,7 +38,7 @@ class ClientConnection:
 
     __slots__ = (
         "context", "transport", "tls", "peer_id", "original", "writing_paused", "paused",
-        "closing", "eof", "_peer_address",
+        "closing", "eof", "_peer_address", "out", "response_chunked",
     )
 
     def __init__(self, context: ListenerContext, original: tuple[str, int] | None = None) -> None:
@@ -44,16 +53,69 @@ class ClientConnection:
         self.closing = False
         self.eof = False  # the client half-closed
         self._peer_address: str | None = None  # peer_address()'s answer, made once
+        # Response bytes produced while handling one read from the upstream; written with one
+        # writelines() (one system call) at the end of that read: a head and a small body then
+        # leave together, which on these machines costs less than the Python around it.
+        self.out: list[bytes] = []
+        self.response_chunked = False  # the response being sent is chunked by the proxy
 
     def write(self, data: bytes) -> None:
-        self.transport.write(data)
+        """Send a whole response the proxy made (after any interim one still queued)."""
+        self.out.append(data)
+        self.flush()
 
     def writelines(self, parts: list) -> None:
         self.transport.writelines(parts)
 
+    # -- the response, as its exchange hands it over (HTTP/1.1 framing is decided here) -------
+
+    def send_informational(self, head: ResponseHead) -> None:
+        """An interim 1xx response (100 Continue, 103 Early Hints), passed on as it came."""
+        self.out.append(informational_bytes(head))
+
+    def send_head(self, request: RequestHead, head: ResponseHead, keep_alive: bool) -> bool:
+        """Frame and queue the final response head of `request`'s response; `keep_alive`:
+        the exchange would keep the connection. Returns whether the connection is kept."""
+        chunked, keep = response_framing(request, head,
+                                         keep_alive and not self.closing_after_response())
+        self.response_chunked = chunked
+        self.out.append(response_head_bytes(head, chunked=chunked, keep_alive=keep,
+                                            client_version=request.version))
+        return keep
+
+    def send_body(self, data: bytes) -> None:
+        if self.response_chunked:
+            self.out += chunk(data)
+        else:
+            self.out.append(data)
+
+    def send_end(self) -> None:
+        """The response ended: its last chunk, and everything queued, go out."""
+        if self.response_chunked:
+            self.out.append(LAST_CHUNK)
+            self.response_chunked = False
+        self.flush()
+
+    def send_switch(self, head: ResponseHead, rest: bytes) -> None:
+        """The 101 Switching Protocols head, then the upstream's first bytes of the new
+        protocol (`rest`)."""
+        self.out.append(response_head_bytes(head, chunked=False, keep_alive=True,
+                                            client_version="1.1"))
+        if rest:
+            self.out.append(rest)
+        self.flush()
+
+    def flush(self) -> None:
+        """Write the response bytes gathered from one upstream read."""
+        out = self.out
+        if out:
+            self.out = []
+            self.writelines(out)
+
     def write_error(self, error: ProxyError, *, keep_alive: bool) -> None:
-        """Send the proxy's own response for `error` (spec §4)."""
-        self.transport.write(error_response(error, keep_alive=keep_alive))
+        """Send the proxy's own response for `error` (spec §4), after any interim response
+        still queued (a 100 Continue before a 502 is a valid answer)."""
+        self.write(error_response(error, keep_alive=keep_alive))
 
     def closing_after_response(self) -> bool:
         """True when this connection will close after the current response."""

@@ -21,14 +21,7 @@ from meshproxy.dataplane.routing import route
 from meshproxy.dataplane.upstream import UpstreamConnection
 from meshproxy.http1.errors import ProxyError
 from meshproxy.http1.events import RequestHead, ResponseHead
-from meshproxy.http1.writer import (
-    LAST_CHUNK,
-    chunk,
-    informational_bytes,
-    redirect_bytes,
-    response_framing,
-    response_head_bytes,
-)
+from meshproxy.http1.writer import redirect_bytes
 from meshproxy.observability.record import RequestRecord
 from meshproxy.policy.filters import modify_headers
 
@@ -37,8 +30,8 @@ class Exchange(ResponseSink):
     """A request and its response between one client connection and one upstream."""
 
     __slots__ = (
-        "client", "context", "head", "record", "forwarder", "response", "response_chunked",
-        "client_keep_alive", "finished", "out", "response_modifiers", "mirror",
+        "client", "context", "head", "record", "forwarder", "response",
+        "client_keep_alive", "finished", "response_modifiers", "mirror",
     )
 
     def __init__(self, client: ClientConnection, head: RequestHead) -> None:
@@ -48,13 +41,8 @@ class Exchange(ResponseSink):
         self.record = RequestRecord(context.loop.time(), context.direction)
         self.forwarder = Forwarder(self, client, head)
         self.response: ResponseHead | None = None  # the final head sent to the client
-        self.response_chunked = False
         self.client_keep_alive = head.keep_alive
         self.finished = False
-        # Response bytes produced while handling one read from the upstream; written with one
-        # writelines() (one system call) at the end of that read: a head and a small body then
-        # leave together, which on these machines costs less than the Python around it.
-        self.out: list[bytes] = []
         self.response_modifiers: Sequence[HeaderModifier] = ()  # the route's
         self.mirror: MirrorCopy | None = None  # copies waiting for the request's body
 
@@ -148,7 +136,7 @@ class Exchange(ResponseSink):
     def accept_head(self, head: ResponseHead) -> None:
         """Send the head on; interim 1xx responses pass through as they come."""
         if head.informational:
-            self.out.append(informational_bytes(head))
+            self.client.send_informational(head)
             return
         self.response = head
         self.record.status = head.status
@@ -160,32 +148,19 @@ class Exchange(ResponseSink):
             # The upstream refused the upgrade: answer normally, then the client connection
             # must close, since the client may already have sent non-HTTP bytes.
             self.client_keep_alive = False
-        chunked, keep = response_framing(
-            self.head, head, self.client_keep_alive and not self.client.closing_after_response())
-        self.client_keep_alive = keep
-        self.response_chunked = chunked
-        self.out.append(response_head_bytes(head, chunked=chunked, keep_alive=keep,
-                                            client_version=self.head.version))
+        self.client_keep_alive = self.client.send_head(self.head, head, self.client_keep_alive)
 
     def accept_body(self, data: bytes) -> None:
         self.record.response_bytes += len(data)
-        if self.response_chunked:
-            self.out += chunk(data)
-        else:
-            self.out.append(data)
+        self.client.send_body(data)
 
     def flush(self) -> None:
-        """Write the response bytes gathered from one upstream read."""
-        out = self.out
-        if out:
-            self.out = []
-            self.client.writelines(out)
+        """Write what one upstream read produced."""
+        self.client.flush()
 
     def accept_end(self) -> None:
         """The response ended: finish the exchange."""
-        if self.response_chunked:
-            self.out.append(LAST_CHUNK)
-        self.flush()
+        self.client.send_end()
         if not self.forwarder.request_complete:
             # The upstream answered before the request body ended (e.g. 413): the rest of the
             # body has nowhere to go, so the client connection ends after this response.
@@ -196,11 +171,7 @@ class Exchange(ResponseSink):
         """101 Switching Protocols: both connections become a byte tunnel."""
         head = self.response
         assert head is not None  # accept_head had the 101
-        self.out.append(response_head_bytes(head, chunked=False, keep_alive=True,
-                                            client_version=self.head.version))
-        if rest:
-            self.out.append(rest)
-        self.flush()
+        self.client.send_switch(head, rest)
         self._record()
         self.finished = True
         self.client.start_tunnel(conn, pending)

@@ -143,6 +143,23 @@ def test_a_reset_before_the_response_is_retried_for_a_get_but_answered_502_for_a
     assert len(mesh.network.tries("/pay")) == 1 and retries(mesh, "reset") == 1
 
 
+def test_an_interim_response_then_a_failure_reach_the_client_in_order_and_only_once() -> None:
+    """A 100 Continue is passed on when the response that follows is sent: before the
+    proxy's own 502 when the upstream then fails, and never again before the next answer
+    on the same connection."""
+    mesh = shop(A)
+    client = mesh.call(request("POST", "/pay", body=b"10 EUR", headers={"expect": "100-continue"}))
+    up = mesh.network.last
+    up.respond(b"HTTP/1.1 100 Continue\r\n\r\n")
+    up.reset()
+    mesh.loop.advance(SETTLE)
+    mesh.network.serve(A, response(200, b"next"))
+    client.send(request("GET", "/next"))
+    mesh.loop.advance(SETTLE)
+    assert [(r.status, r.error) for r in client.responses()] == [
+        (100, None), (502, "upstream-reset"), (200, None)]
+
+
 def test_a_response_cut_off_after_it_started_is_not_retried_and_the_client_sees_an_abort() -> None:
     mesh = shop(A, B)
     client = mesh.call(request("GET", "/"))
