@@ -30,6 +30,7 @@ COMPILED_MODULES = [
     "meshproxy/http1/headers.py",
     "meshproxy/http1/errors.py",
     "meshproxy/http1/reader.py",
+    "meshproxy/http1/response_reader.py",
     "meshproxy/http1/writer.py",
     "meshproxy/policy/balancer.py",
     "meshproxy/policy/retry.py",

@@ -23,7 +23,7 @@ from meshproxy.dataplane.connect import connect_endpoint
 from meshproxy.dataplane.tls import TLSState
 from meshproxy.http1.errors import ConnectFailure, ProxyError
 from meshproxy.http1.events import END_OF_MESSAGE, ResponseHead, Upgrade
-from meshproxy.http1.reader import ResponseReader
+from meshproxy.http1.response_reader import ResponseReader
 
 log = logging.getLogger("meshproxy.upstream")
 

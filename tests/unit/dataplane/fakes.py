@@ -42,7 +42,8 @@ from meshproxy.dataplane.resolvers import InboundResolver, OutboundResolver
 from meshproxy.dataplane.upstream import ConnectionPool, UpstreamConnection
 from meshproxy.http1.errors import ConnectFailure
 from meshproxy.http1.events import END_OF_MESSAGE, RequestHead, ResponseHead, Upgrade
-from meshproxy.http1.reader import RequestReader, ResponseReader
+from meshproxy.http1.reader import RequestReader
+from meshproxy.http1.response_reader import ResponseReader
 from meshproxy.observability.metrics import ProxyMetrics
 
 START = 100.0  # the virtual clock's first reading (0.0 reads like "never" in places)

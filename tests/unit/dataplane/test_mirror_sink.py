@@ -9,7 +9,7 @@ import pytest
 
 from meshproxy.dataplane.mirror import _Sink
 from meshproxy.http1.events import END_OF_MESSAGE, ResponseHead
-from meshproxy.http1.reader import ResponseReader
+from meshproxy.http1.response_reader import ResponseReader
 
 
 def feed(reads: list[bytes]) -> _Sink:

@@ -7,7 +7,7 @@ import pytest
 from meshproxy.http1 import errors
 from meshproxy.http1.errors import ProxyError, error_response
 from meshproxy.http1.events import END_OF_MESSAGE, ResponseHead
-from meshproxy.http1.reader import ResponseReader
+from meshproxy.http1.response_reader import ResponseReader
 
 # Spec §4 table: class name -> (status, status phrase, REASON).
 SPEC_TABLE = {

@@ -15,7 +15,8 @@ from hypothesis import strategies as st
 
 from meshproxy.http1.errors import BadRequest, HeadersTooLarge, UpstreamProtocolError
 from meshproxy.http1.events import END_OF_MESSAGE, RequestHead, ResponseHead, Upgrade
-from meshproxy.http1.reader import RequestReader, ResponseReader
+from meshproxy.http1.reader import RequestReader
+from meshproxy.http1.response_reader import ResponseReader
 
 FUZZ = settings(max_examples=300, deadline=None, derandomize=True,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])

@@ -12,7 +12,8 @@ from __future__ import annotations
 import gc
 
 from meshproxy.http1.events import END_OF_MESSAGE, RequestHead, ResponseHead
-from meshproxy.http1.reader import RequestReader, ResponseReader
+from meshproxy.http1.reader import RequestReader
+from meshproxy.http1.response_reader import ResponseReader
 
 
 def test_request_events_survive_a_collection() -> None:

@@ -13,7 +13,8 @@ import pytest
 
 from meshproxy.http1.errors import UpstreamProtocolError
 from meshproxy.http1.events import END_OF_MESSAGE, ResponseHead, Upgrade
-from meshproxy.http1.reader import MAX_HEADER_BYTES, ResponseReader
+from meshproxy.http1.reader import MAX_HEADER_BYTES
+from meshproxy.http1.response_reader import ResponseReader
 from meshproxy.http1.writer import informational_bytes, response_head_bytes
 
 RESP_FIELDS = (

@@ -7,7 +7,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from meshproxy.http1.events import END_OF_MESSAGE, RequestHead, ResponseHead, Upgrade
-from meshproxy.http1.reader import RequestReader, ResponseReader
+from meshproxy.http1.reader import RequestReader
+from meshproxy.http1.response_reader import ResponseReader
 from meshproxy.http1.writer import (
     LAST_CHUNK,
     chunk,

@@ -6,7 +6,8 @@ import pytest
 
 from meshproxy.http1.errors import BadRequest, UpstreamProtocolError
 from meshproxy.http1.events import RequestHead, ResponseHead
-from meshproxy.http1.reader import RequestReader, ResponseReader
+from meshproxy.http1.reader import RequestReader
+from meshproxy.http1.response_reader import ResponseReader
 from meshproxy.http2.fields import (
     request_fields,
     request_head,
