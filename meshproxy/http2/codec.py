@@ -14,8 +14,10 @@ What this layer adds to it:
   reader on the far side slows the sender here;
 - the proxy's own small event types (below), so that the rest of the proxy does not import
   the library;
-- a connection-level failure raises `ConnectionFailed` once the GOAWAY it calls for is
-  queued: written by hand when nghttp2 refuses to produce one (after it detected a flood).
+- the end of a connection is said: a flood raises `ConnectionFailed` once the GOAWAY it
+  calls for is queued (written by hand when nghttp2 will not produce one); after a protocol
+  error of the peer, nghttp2 queues its GOAWAY itself and `finished` turns true once it has
+  been taken with `data_to_send`.
 
 No timers: idle, header and stall timeouts belong to the connection that owns the codec.
 """
@@ -193,7 +195,9 @@ class Codec:
             self._conn.receive_data(data)
             raw = self._conn.events()
         except ngh2.DenialOfServiceError as exc:
-            self._fail_by_hand(ENHANCE_YOUR_CALM)
+            # nghttp2 has torn the session down: it writes nothing more, so the GOAWAY is ours.
+            self._failed = True
+            self._pending_goaway = goaway_frame(self._last_peer_stream, ENHANCE_YOUR_CALM)
             raise ConnectionFailed(ENHANCE_YOUR_CALM, f"flood refused: {exc}") from None
         except ngh2.ProtocolError as exc:
             self._failed = True
@@ -209,11 +213,18 @@ class Codec:
             raise ConnectionFailed(ENHANCE_YOUR_CALM, f"rapid reset: the peer reset "
                                    f"{self.peer_resets} of its {self.peer_streams} streams")
         if not self._conn.want_read and not self._closing:
-            # The library ended the session by itself (one of its own flood limits) and
-            # queued its GOAWAY, without an event.
+            # The library ended the session by itself (a protocol error of the peer, or one
+            # of its own flood limits) and queued its GOAWAY, without an event.
             self._failed = True
-            raise ConnectionFailed(ENHANCE_YOUR_CALM, "the peer broke a limit of the codec")
+            raise ConnectionFailed(PROTOCOL_ERROR, "the session was ended by the codec")
         return events
+
+    @property
+    def finished(self) -> bool:
+        """True once the session will neither read nor write any more (a GOAWAY went out
+        and its streams are done, or the library ended it after a protocol error of the
+        peer, whose GOAWAY `data_to_send` has given): close the transport."""
+        return self._failed or not (self._conn.want_read or self._conn.want_write)
 
     def _translate(self, event: object) -> Event | None:
         kind = type(event)
@@ -310,11 +321,6 @@ class Codec:
             self._conn.send_goaway(code, last_stream_id=self._last_peer_stream)
         except ngh2.NGH2Error:
             self._pending_goaway = goaway_frame(self._last_peer_stream, code)
-
-    def _fail_by_hand(self, code: int) -> None:
-        # nghttp2 has torn the session down: it writes nothing more, so the GOAWAY is ours.
-        self._failed = True
-        self._pending_goaway = goaway_frame(self._last_peer_stream, code)
 
     def failure_bytes(self) -> bytes:
         """After ConnectionFailed: the GOAWAY to write before closing."""

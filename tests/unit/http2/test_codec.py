@@ -197,3 +197,13 @@ def test_a_drained_connection_finishes_its_streams_then_ends_quietly() -> None:
     at_client, at_server = pump(client, server)  # no ConnectionFailed on either side
     assert [h.fields for h in only(at_client, Headers)] == [[(b":status", b"200")]]
     assert only(at_client, GoAway)
+
+
+def test_a_protocol_error_of_the_peer_is_answered_with_goaway_and_ends_the_session() -> None:
+    """DATA on stream 0 (RFC 9113 §6.1): the library queues GOAWAY(PROTOCOL_ERROR) by itself;
+    once it is written the codec says the session is over."""
+    server = attacker()
+    server.receive(frame(0x0, 0, 0, b"x"))
+    out = server.data_to_send()
+    assert out[3] == 0x7 and struct.unpack(">I", out[13:17])[0] == 0x1  # GOAWAY, PROTOCOL_ERROR
+    assert server.finished
