@@ -51,6 +51,10 @@ COMPILED_MODULES = [
     "meshproxy/dataplane/upstream.py",
     "meshproxy/dataplane/relay.py",
     "meshproxy/dataplane/mirror.py",
+    "meshproxy/dataplane/h2downstream.py",
+    "meshproxy/dataplane/h2upstream.py",
+    "meshproxy/http2/fields.py",
+    "meshproxy/http2/grpc.py",
     "meshproxy/dataplane/destinations.py",
     "meshproxy/dataplane/resolvers.py",
 ]

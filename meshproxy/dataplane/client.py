@@ -15,10 +15,12 @@ from meshproxy.config.model.mesh import join_host_port
 from meshproxy.dataplane.context import ListenerContext
 from meshproxy.dataplane.upstream import UpstreamConnection
 from meshproxy.http1.errors import ProxyError, error_response
-from meshproxy.http1.events import RequestHead, ResponseHead
+from meshproxy.http1.events import HeaderList, RequestHead, ResponseHead
 from meshproxy.http1.writer import (
     LAST_CHUNK,
     chunk,
+    last_chunk_with,
+    redirect_bytes,
     informational_bytes,
     response_framing,
     response_head_bytes,
@@ -89,6 +91,13 @@ class ClientConnection:
         else:
             self.out.append(data)
 
+    def send_trailers(self, fields: HeaderList) -> None:
+        """Trailer fields (from an HTTP/2 upstream): sent in the last chunk when the proxy
+        chunks the body; a body framed by length cannot carry them, so they are dropped."""
+        if self.response_chunked:
+            self.out.append(last_chunk_with(fields))
+            self.response_chunked = False
+
     def send_end(self) -> None:
         """The response ended: its last chunk, and everything queued, go out."""
         if self.response_chunked:
@@ -111,6 +120,10 @@ class ClientConnection:
         if out:
             self.out = []
             self.writelines(out)
+
+    def send_redirect(self, status: int, location: str, *, keep_alive: bool) -> None:
+        """Answer with a route's redirect (no body)."""
+        self.write(redirect_bytes(status, location, keep_alive=keep_alive))
 
     def write_error(self, error: ProxyError, *, keep_alive: bool) -> None:
         """Send the proxy's own response for `error` (spec §4), after any interim response

@@ -19,6 +19,7 @@ import random
 from meshproxy.dataplane.mirror import Mirrors
 from meshproxy.dataplane.resolvers import Resolver
 from meshproxy.dataplane.tls import TLSState
+from meshproxy.http2.codec import Settings
 from meshproxy.observability.metrics import ProxyMetrics
 from meshproxy.observability.record import RequestRecord
 from meshproxy.observability.trace import Tracing
@@ -58,7 +59,7 @@ class ListenerContext:
     __slots__ = (
         "loop", "direction", "resolver", "metrics", "rng", "request_ids", "trace", "mirrors",
         "access_log", "header_timeout", "idle_timeout", "tick", "tls", "connections",
-        "draining", "_idle_waiter",
+        "draining", "_idle_waiter", "h2_settings",
     )
 
     def __init__(self, loop: asyncio.AbstractEventLoop, resolver: Resolver,
@@ -87,6 +88,8 @@ class ListenerContext:
         self.connections: set = set()  # client connections open on this listener
         self.draining = False
         self._idle_waiter: asyncio.Future | None = None
+        # What HTTP/2 client connections are offered and held to (http2/codec.py).
+        self.h2_settings = Settings()
 
     def tls_refused(self, reason: str) -> None:
         """Count a connection refused before any request (TLS required, handshake failed)."""

@@ -13,6 +13,7 @@ from typing import Callable
 
 from meshproxy.config import Snapshot
 from meshproxy.config.model.mesh import join_host_port
+from meshproxy.dataplane.h2upstream import Http2Pool
 from meshproxy.dataplane.tls import TLSState
 from meshproxy.dataplane.upstream import ConnectionPool
 from meshproxy.http1.errors import NoEndpoints, NoHealthyEndpoints
@@ -31,7 +32,7 @@ MAX_PASSTHROUGH = 1024
 class EndpointRuntime:
     """One upstream endpoint: its address, balancer load and connection pool."""
 
-    __slots__ = ("key", "host", "port", "meshed", "instance", "load", "pool")
+    __slots__ = ("key", "host", "port", "meshed", "instance", "load", "pool", "h2")
 
     def __init__(self, host: str, port: int, *, meshed: bool, instance: str, load: EndpointLoad,
                  pool: ConnectionPool) -> None:
@@ -42,6 +43,20 @@ class EndpointRuntime:
         self.instance = instance
         self.load = load
         self.pool = pool
+        # Its HTTP/2 connections (dataplane/h2upstream.py), made on first use.
+        self.h2: Http2Pool | None = None
+
+    def h2_pool(self) -> Http2Pool:
+        h2 = self.h2
+        if h2 is None:
+            h2 = self.h2 = Http2Pool(self.pool)
+        return h2
+
+    def close_idle(self) -> None:
+        """Close the idle connections, HTTP/1.1 and HTTP/2 (drain, or the endpoint went)."""
+        self.pool.close_idle()
+        if self.h2 is not None:
+            self.h2.close_idle()
 
     def to_json(self, now: float) -> dict:
         return {
@@ -253,7 +268,7 @@ class Destinations:
                                            outbound=self.outbound_rules(self.services.get(key), policy))
         for ident, endpoint in self._endpoints.items():
             if ident not in endpoints:
-                endpoint.pool.close_idle()
+                endpoint.close_idle()
         self._endpoints = endpoints
         for key in self.services.keys() - services.keys():
             self.metrics.remove_endpoints(key)
@@ -264,7 +279,7 @@ class Destinations:
         self.snapshot = snapshot
         for runtime in self.passthrough.values():
             for endpoint in runtime.endpoints:
-                endpoint.pool.close_idle()
+                endpoint.close_idle()
         self.passthrough = {}
 
     def outbound_rules(self, old: ServiceRuntime | None, policy) -> OutboundRules:
@@ -305,7 +320,7 @@ class Destinations:
                 # Bound the table: forget the oldest destination (dicts keep insertion order).
                 oldest = next(iter(self.passthrough))
                 for endpoint in self.passthrough.pop(oldest).endpoints:
-                    endpoint.pool.close_idle()
+                    endpoint.close_idle()
             policy = self.snapshot.policy_for(join_host_port(host, port))
             endpoint = self._endpoint(join_host_port(host, port), host, port, False, "", policy)
             runtime = ServiceRuntime(join_host_port(host, port), policy, [endpoint],
@@ -317,10 +332,10 @@ class Destinations:
     def close_idle(self) -> None:
         """Close all idle upstream connections (used when draining)."""
         for endpoint in self._endpoints.values():
-            endpoint.pool.close_idle()
+            endpoint.close_idle()
         for runtime in self.passthrough.values():
             for endpoint in runtime.endpoints:
-                endpoint.pool.close_idle()
+                endpoint.close_idle()
 
     def to_json(self) -> dict:
         now = self.clock()

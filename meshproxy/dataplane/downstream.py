@@ -19,12 +19,14 @@ from typing import Sequence
 from meshproxy.dataplane.client import PAUSE_PIPELINE, ClientConnection
 from meshproxy.dataplane.context import ListenerContext
 from meshproxy.dataplane.exchange import Exchange
+from meshproxy.dataplane.h2downstream import Http2Downstream
 from meshproxy.dataplane.relay import Relay
 from meshproxy.dataplane.tls import peer_identity
 from meshproxy.dataplane.upstream import UpstreamConnection
 from meshproxy.http1.errors import HeaderTimeout, ProxyError, error_response
 from meshproxy.http1.events import END_OF_MESSAGE, RequestHead, Upgrade
 from meshproxy.http1.reader import RequestReader
+from meshproxy.http2.codec import PREFACE
 from meshproxy.observability.record import RequestRecord
 
 _IDLE, _HEAD, _BUSY = 0, 1, 2
@@ -34,7 +36,7 @@ class DownstreamConnection(ClientConnection):
     """A client connection on an inbound or outbound listener (an asyncio protocol)."""
 
     __slots__ = ("reader", "current", "parsing", "queue", "_state", "_deadline", "_timer",
-                 "_relay")
+                 "_relay", "h2", "sniffing", "held")
 
     def __init__(self, context: ListenerContext, original: tuple[str, int] | None = None) -> None:
         super().__init__(context, original)
@@ -48,6 +50,11 @@ class DownstreamConnection(ClientConnection):
         # After 101: the relay that has this connection's transport (the loop no longer
         # calls this protocol; the relay calls its connection_lost).
         self._relay: Relay | None = None
+        # Once the client's first bytes are the HTTP/2 preface: the connection's HTTP/2
+        # side (dataplane/h2downstream.py), which every call is passed on to.
+        self.h2: Http2Downstream | None = None
+        self.sniffing = True  # the first bytes have not yet told HTTP/1.1 from HTTP/2
+        self.held = b""  # first bytes that may still be the start of the preface
 
     # -- asyncio protocol ----------------------------------------------------------------------
 
@@ -69,8 +76,16 @@ class DownstreamConnection(ClientConnection):
         self._arm(_IDLE, context.idle_timeout)
 
     def data_received(self, data: bytes) -> None:
+        h2 = self.h2
+        if h2 is not None:
+            h2.data_received(data)
+            return
         if self.closing:
             return
+        if self.sniffing:
+            data = self._sniff(data)
+            if not data:
+                return
         reader = self.reader
         if reader is None:
             # After an Upgrade request, bytes for the new protocol wait in its exchange until
@@ -93,6 +108,30 @@ class DownstreamConnection(ClientConnection):
                 self._protocol_error(exc)
             return
         self._handle(events)
+
+    def _sniff(self, data: bytes) -> bytes:
+        """Tell HTTP/2 with prior knowledge from HTTP/1.1 by the first bytes: return those to
+        read as HTTP/1.1 (b"" while they may still be the preface, or once HTTP/2 has the
+        connection)."""
+        held = self.held + data if self.held else data
+        if not PREFACE.startswith(held[:len(PREFACE)]):
+            self.sniffing = False
+            self.held = b""
+            return held
+        if len(held) < len(PREFACE):
+            self.held = held
+            if self._state == _IDLE:
+                self._arm(_HEAD, self.context.header_timeout)
+            return b""
+        self.sniffing = False
+        self.held = b""
+        self._state = _BUSY  # the HTTP/2 side keeps its own timers
+        self._deadline = 0.0
+        h2 = self.h2 = Http2Downstream(self.context, self.transport, tls=self.tls,
+                                       peer_id=self.peer_id, original=self.original,
+                                       settings=self.context.h2_settings)
+        h2.start(held)
+        return b""
 
     def _handle(self, events: Sequence[object]) -> None:
         for event in events:
@@ -138,6 +177,8 @@ class DownstreamConnection(ClientConnection):
 
     def eof_received(self) -> bool:
         self.eof = True
+        if self.h2 is not None:
+            return False
         if self.current is not None and self.parsing is None and not self.queue:
             # The client half-closed after a complete request: answer it, then close.
             return True
@@ -152,6 +193,8 @@ class DownstreamConnection(ClientConnection):
             self._timer = None
         # (A relay has already ended the upstream; dropping it frees the pair.)
         self._relay = None
+        if self.h2 is not None:
+            self.h2.connection_lost()
         if self.current is not None:
             self.current.downstream_lost()
         for exchange in self.queue:
@@ -163,15 +206,21 @@ class DownstreamConnection(ClientConnection):
     def pause_writing(self) -> None:
         # The client reads slower than the upstream sends: stop reading the upstream.
         self.writing_paused = True
+        if self.h2 is not None:
+            self.h2.pause_writing()
+            return
         upstream = self.current.upstream_connection() if self.current else None
         if upstream is not None:
-            upstream.transport.pause_reading()
+            upstream.pause_reading()
 
     def resume_writing(self) -> None:
         self.writing_paused = False
+        if self.h2 is not None:
+            self.h2.resume_writing()
+            return
         upstream = self.current.upstream_connection() if self.current else None
         if upstream is not None:
-            upstream.transport.resume_reading()
+            upstream.resume_reading()
 
     # -- what exchanges tell this connection (ClientConnection) --------------------------------
 
@@ -230,7 +279,10 @@ class DownstreamConnection(ClientConnection):
     def close_if_idle(self) -> None:
         """Drain: close now if no request is in progress; otherwise after the response. A
         tunnel has no point at which it is idle: it goes on until it ends or the drain
-        timeout aborts it."""
+        timeout aborts it. HTTP/2 sends GOAWAY and closes after its open streams."""
+        if self.h2 is not None:
+            self.h2.drain()
+            return
         if self.current is None and self._relay is None and (
             self.reader is None or not self.reader.in_message
         ):

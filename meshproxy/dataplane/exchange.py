@@ -20,8 +20,7 @@ from meshproxy.dataplane.mirror import MirrorCopy
 from meshproxy.dataplane.routing import route
 from meshproxy.dataplane.upstream import UpstreamConnection
 from meshproxy.http1.errors import ProxyError
-from meshproxy.http1.events import RequestHead, ResponseHead
-from meshproxy.http1.writer import redirect_bytes
+from meshproxy.http1.events import HeaderList, RequestHead, ResponseHead
 from meshproxy.observability.record import RequestRecord
 from meshproxy.policy.filters import modify_headers
 
@@ -112,7 +111,7 @@ class Exchange(ResponseSink):
         self.record.status = status
         keep = self.client_keep_alive and self._request_read() and not self.upgrading
         self.client_keep_alive = keep
-        self.client.write(redirect_bytes(status, location, keep_alive=keep))
+        self.client.send_redirect(status, location, keep_alive=keep)
         self._finish()
 
     # -- the request (from the client connection) ---------------------------------------------
@@ -153,6 +152,9 @@ class Exchange(ResponseSink):
     def accept_body(self, data: bytes) -> None:
         self.record.response_bytes += len(data)
         self.client.send_body(data)
+
+    def accept_trailers(self, fields: HeaderList) -> None:
+        self.client.send_trailers(fields)
 
     def flush(self) -> None:
         """Write what one upstream read produced."""

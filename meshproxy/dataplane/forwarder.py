@@ -26,9 +26,23 @@ from meshproxy.dataplane.sink import DETACHED, ResponseSink
 from meshproxy.dataplane.tries import EndpointTry
 from meshproxy.dataplane.upstream import ResponseReceiver, UpstreamConnection
 from meshproxy.http1.errors import Overloaded, ProxyError, Timeout, UpstreamReset
-from meshproxy.http1.events import RequestHead, ResponseHead
-from meshproxy.http1.writer import LAST_CHUNK, chunk, request_parts
-from meshproxy.policy.retry import CONNECT_FAILURE, IDEMPOTENT_METHODS, RESET, TIMEOUT
+from meshproxy.http1.events import HeaderList, RequestHead, ResponseHead
+from meshproxy.dataplane.h2upstream import Http2Pool
+from meshproxy.http2.grpc import (
+    RETRY_STATUS_NAMES,
+    is_grpc,
+    request_timeout,
+    set_timeout,
+    trailers_only_status,
+)
+from meshproxy.policy.retry import (
+    CONNECT_FAILURE,
+    IDEMPOTENT_METHODS,
+    REFUSED_STREAM,
+    RESET,
+    TIMEOUT,
+    grpc_rule,
+)
 
 # Request bytes held while the upstream connection is being set up; past this the client is
 # paused rather than buffered without bound.
@@ -45,7 +59,7 @@ class Forwarder(ResponseReceiver):
         "sink", "client", "context", "head", "target", "service", "endpoint_try", "attempts",
         "upstream", "connect_task", "request_complete", "pending", "pending_bytes",
         "tunnel_pending", "upgrading", "fresh_only", "reused_retry_done", "counted",
-        "response", "done",
+        "response", "done", "grpc", "deadline", "h2",
     )
 
     def __init__(self, sink: ResponseSink, client: ClientConnection, head: RequestHead) -> None:
@@ -70,6 +84,12 @@ class Forwarder(ResponseReceiver):
         self.counted = False  # counted in the Service's requests in flight (maxRequests)
         self.response: ResponseHead | None = None  # the final head, once accepted
         self.done = False  # the exchange ended: nothing more is sent or delivered
+        # A gRPC call (http2/grpc.py): its deadline, its errors and retry conditions differ.
+        self.grpc = head.version == "2" and is_grpc(head)
+        self.deadline = 0.0  # loop time a gRPC call's grpc-timeout ends at (0: none)
+        # Carried upstream over HTTP/2: gRPC always (it needs HTTP/2), other HTTP/2
+        # requests towards another sidecar (h2 by ALPN over mTLS).
+        self.h2 = self.grpc
 
     # -- starting -------------------------------------------------------------------------------
 
@@ -85,11 +105,23 @@ class Forwarder(ResponseReceiver):
         context = self.context
         attempts = self.attempts = attempts_for(service, route_rule, self.head, self.upgrading,
                                                 context.loop, context.rng, context.metrics)
+        if self.grpc and attempts is not None:
+            self._grpc_attempts(attempts)
         if attempts is not None:
             attempts.start_deadline(self._request_timed_out)
             for data in self.pending:  # read while a pipelined request waited its turn
                 attempts.keep(data)
         self._attempt()
+
+    def _grpc_attempts(self, attempts: Attempts) -> None:
+        """A gRPC call's retry conditions, and its deadline: the smaller of `grpc-timeout`
+        and the route's timeout (the time left then goes upstream with each try)."""
+        attempts.rule = grpc_rule(attempts.rule)
+        timeout = request_timeout(self.head)
+        if timeout is not None and (not attempts.timeout or timeout < attempts.timeout):
+            attempts.timeout = timeout
+        if attempts.timeout:
+            self.deadline = self.context.loop.time() + attempts.timeout
 
     def _attempt(self) -> None:
         """Start one try: pick an endpoint (not one tried already, where there is another),
@@ -99,6 +131,9 @@ class Forwarder(ResponseReceiver):
         endpoint = self.endpoint_try.begin(service, attempts.tried if attempts is not None else None)
         if attempts is not None:
             attempts.try_started(self._try_timed_out)
+        if self.h2 or (self.head.version == "2" and endpoint.pool.speaks_h2()):
+            self._attempt_h2(endpoint)
+            return
         conn = None if self.fresh_only else endpoint.pool.take_idle()
         self.fresh_only = False
         if conn is not None:
@@ -112,6 +147,36 @@ class Forwarder(ResponseReceiver):
         service.connecting += 1
         task = self.connect_task = self.context.loop.create_task(self._connect(endpoint))
         task.add_done_callback(service.connect_ended)
+
+    def _attempt_h2(self, endpoint: EndpointRuntime) -> None:
+        """A try on a new stream of an HTTP/2 connection to `endpoint` (dataplane/h2upstream.py)."""
+        h2pool = endpoint.h2_pool()
+        stream = h2pool.take_stream()
+        self.fresh_only = False
+        if stream is not None:
+            self._send(stream)
+            return
+        service = self.service
+        service.connecting += 1
+        task = self.connect_task = self.context.loop.create_task(self._connect_h2(h2pool))
+        task.add_done_callback(service.connect_ended)
+
+    async def _connect_h2(self, h2pool: Http2Pool) -> None:
+        try:
+            stream = await h2pool.open_stream()
+        except ProxyError as exc:
+            self.connect_task = None
+            if not self.done:
+                self._try_failed(exc, CONNECT_FAILURE)
+            return
+        except asyncio.CancelledError:
+            return
+        self.connect_task = None
+        if self.done:
+            stream.abort()
+            return
+        self.endpoint_try.dispatched()
+        self._send(stream)
 
     async def _connect(self, endpoint: EndpointRuntime) -> None:
         try:
@@ -127,29 +192,29 @@ class Forwarder(ResponseReceiver):
         if self.done:
             endpoint.pool.release(conn)
             return
+        self.endpoint_try.dispatched()
         self._send(conn)
 
     def _send(self, conn: UpstreamConnection) -> None:
         """Send the request (head, and the body received so far) on `conn`."""
         self.upstream = conn
         self.endpoint_try.sent = True
-        conn.exchange = self
-        conn.requests += 1
         client = self.client
         if client.writing_paused:
             # The client is still behind on an earlier response: pause_writing() will not be
             # called again for it, so this connection starts paused (resume_writing() resumes).
-            conn.transport.pause_reading()
+            conn.pause_reading()
         head = self.head
-        conn.reader.expect(head.method == b"HEAD")
         if head.request_id is None:
             head.request_id = self.context.request_ids()
             # Kept in the head, so that a retry sends the same id as the first try.
             head.headers.append((b"x-request-id", head.request_id))
+        if self.deadline:
+            # The time left, not the client's whole timeout (spec §9).
+            set_timeout(head, max(self.deadline - self.context.loop.time(), 0.001))
         pending = self.pending
-        conn.writelines(request_parts(head, self.target, pending,
-                                                complete=self.request_complete,
-                                                upgrade=self.upgrading))
+        conn.begin(self, head, self.target, pending, complete=self.request_complete,
+                   upgrade=self.upgrading)
         if pending:
             self.pending = []
             # What is left counted is held tunnel bytes (tunnel_pending), if any.
@@ -170,10 +235,7 @@ class Forwarder(ResponseReceiver):
             self.attempts.keep(data)
         conn = self.upstream
         if conn is not None:
-            if self.head.chunked:
-                conn.writelines(chunk(data))
-            else:
-                conn.transport.write(data)
+            conn.send_body(self.head, data)
             return
         if self.done:
             return
@@ -189,8 +251,8 @@ class Forwarder(ResponseReceiver):
         """The client finished sending the request."""
         self.request_complete = True
         conn = self.upstream
-        if conn is not None and self.head.chunked:
-            conn.transport.write(LAST_CHUNK)
+        if conn is not None:
+            conn.send_end(self.head)
 
     def upstream_write_paused(self) -> None:
         self.client.pause_reading(PAUSE_UPSTREAM)
@@ -206,6 +268,15 @@ class Forwarder(ResponseReceiver):
             self.sink.accept_head(head)
             return
         if self.endpoint_try.open:
+            if self.grpc and self.attempts is not None and head.status == 200:
+                status = trailers_only_status(head.headers)
+                name = RETRY_STATUS_NAMES.get(status) if status is not None else None
+                reason = self._reason_to_retry(name) if name is not None else None
+                if reason is not None:
+                    self._drop_upstream()
+                    self._end_try(False)
+                    self._schedule_retry(reason)
+                    return
             if head.status >= 500 and self.attempts is not None:
                 reason = self._reason_to_retry(str(head.status))
                 if reason is not None:
@@ -223,6 +294,9 @@ class Forwarder(ResponseReceiver):
     def response_body(self, data: bytes) -> None:
         self.sink.accept_body(data)
 
+    def response_trailers(self, fields: HeaderList) -> None:
+        self.sink.accept_trailers(fields)
+
     def flush(self) -> None:
         self.sink.flush()
 
@@ -230,12 +304,8 @@ class Forwarder(ResponseReceiver):
         """The response ended: the connection goes back to its pool (or closes)."""
         conn, self.upstream = self.upstream, None
         if conn is not None:
-            conn.exchange = None
             response = self.response
-            if response is not None and response.keep_alive and self.request_complete:
-                conn.pool.release(conn)
-            else:
-                conn.close()
+            conn.finish(response is not None and response.keep_alive and self.request_complete)
         self.sink.accept_end()
 
     def response_upgrade(self, rest: bytes) -> None:
@@ -245,7 +315,7 @@ class Forwarder(ResponseReceiver):
             self.upstream_failed(ProxyError("unexpected protocol switch"))
             return
         pending, self.tunnel_pending = self.tunnel_pending, []
-        conn.exchange = None
+        conn.detach()
         self.upstream = None
         self.sink.accept_upgrade(conn, rest, pending)
 
@@ -255,7 +325,7 @@ class Forwarder(ResponseReceiver):
         """Abort the upstream connection of this try; it carries nothing more of it."""
         conn, self.upstream = self.upstream, None
         if conn is not None:
-            conn.exchange = None
+            conn.detach()
             conn.abort()
 
     def upstream_failed(self, error: ProxyError, reset: bool = False) -> None:
@@ -267,6 +337,17 @@ class Forwarder(ResponseReceiver):
         else:
             self._drop_upstream()
             self.sink.response_broken(UpstreamReset.reason if reset else error.reason)
+
+    def upstream_refused(self) -> None:
+        """The upstream refused the request's HTTP/2 stream unprocessed (REFUSED_STREAM, or
+        above its GOAWAY's last stream id): safe to send again."""
+        self.upstream = None
+        if self.done:
+            return
+        if self.response is not None:
+            self.sink.response_broken(UpstreamReset.reason)
+            return
+        self._try_failed(UpstreamReset("stream refused by the upstream"), REFUSED_STREAM)
 
     def upstream_lost(self) -> None:
         """The upstream connection closed while this request was using it."""

@@ -52,6 +52,12 @@ class _Sink(ResponseReceiver):
     def response_body(self, data: bytes) -> None:
         pass
 
+    def response_trailers(self, fields) -> None:
+        pass
+
+    def upstream_refused(self) -> None:
+        self._finish(False)
+
     def flush(self) -> None:
         pass
 

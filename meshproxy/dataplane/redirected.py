@@ -218,7 +218,7 @@ class InboundApps:
             if len(self.runtimes) >= MAX_APP_PORTS:
                 _, old = self.runtimes.popitem()
                 for endpoint in old.endpoints:
-                    endpoint.pool.close_idle()
+                    endpoint.close_idle()
             runtime = self.runtimes[key] = self._runtime(app_host, port, None)
         return runtime
 
@@ -240,7 +240,7 @@ class InboundApps:
     def close_idle(self) -> None:
         for runtime in self.runtimes.values():
             for endpoint in runtime.endpoints:
-                endpoint.pool.close_idle()
+                endpoint.close_idle()
 
 
 class TransparentInboundResolver(Resolver):

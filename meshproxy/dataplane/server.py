@@ -119,11 +119,12 @@ class Proxy:
 
     def rotate(self, certificate) -> None:
         """Put a new certificate in force for new connections; open ones keep theirs."""
-        from meshproxy.identity.tls import ssl_contexts
+        from meshproxy.identity.tls import h2_client_context, ssl_contexts
 
         server, client = ssl_contexts(certificate)
         trust_domain = certificate.spiffe_id.split("/")[2]
-        self.tls.rotate(Contexts(server, client, certificate.spiffe_id, trust_domain))
+        self.tls.rotate(Contexts(server, client, certificate.spiffe_id, trust_domain,
+                                 h2_client_context(certificate)))
         self.metrics.set_cert_expiry(certificate.expires)
         log.info("certificate for %s in force until %s", certificate.spiffe_id,
                  time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(certificate.expires)))
@@ -273,7 +274,7 @@ class Proxy:
             self.transparent.close_idle()
         if self._inbound_runtime is not None:
             for endpoint in self._inbound_runtime.endpoints:
-                endpoint.pool.close_idle()
+                endpoint.close_idle()
         if not self.stopped.done():
             self.stopped.set_result(None)
 

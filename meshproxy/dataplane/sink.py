@@ -11,7 +11,7 @@ from typing import Final
 
 from meshproxy.dataplane.upstream import UpstreamConnection
 from meshproxy.http1.errors import ProxyError
-from meshproxy.http1.events import ResponseHead
+from meshproxy.http1.events import HeaderList, ResponseHead
 
 
 class ResponseSink:
@@ -24,6 +24,10 @@ class ResponseSink:
         raise NotImplementedError  # abstract
 
     def accept_body(self, data: bytes) -> None:
+        raise NotImplementedError  # abstract
+
+    def accept_trailers(self, fields: HeaderList) -> None:
+        """The response's trailer fields (from an HTTP/2 upstream); its end follows."""
         raise NotImplementedError  # abstract
 
     def accept_end(self) -> None:
@@ -60,6 +64,9 @@ class _Detached(ResponseSink):
         pass
 
     def accept_body(self, data: bytes) -> None:
+        pass
+
+    def accept_trailers(self, fields: HeaderList) -> None:
         pass
 
     def accept_end(self) -> None:

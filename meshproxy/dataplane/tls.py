@@ -51,6 +51,8 @@ class Contexts:
     client: ssl.SSLContext
     spiffe_id: str
     trust_domain: str
+    # To connect with for HTTP/2 (ALPN `h2`): requests that came as HTTP/2, gRPC.
+    client_h2: ssl.SSLContext | None = None
 
 
 class TLSState:

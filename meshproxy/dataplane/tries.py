@@ -40,6 +40,15 @@ class EndpointTry:
         self.sent = False
         return endpoint
 
+    def dispatched(self) -> None:
+        """The try's request goes out only now, on a connection just opened: its RTT counts
+        from here, as in Linkerd and Envoy (a connection's setup, or a cold app's first
+        answer over a new connection, would keep an endpoint out of the balance long after
+        it is warm)."""
+        endpoint = self.endpoint
+        if endpoint is not None and self.open:
+            self.started_at = endpoint.load.now()
+
     def end(self, service: ServiceRuntime, success: bool | None, metrics: ProxyMetrics) -> None:
         """Close the open try's books (call only while `open`): the balancer's load, and
         (success not None) the circuit breaker's record of the endpoint; success None: no

@@ -22,8 +22,9 @@ from mypy_extensions import mypyc_attr
 from meshproxy.dataplane.connect import connect_endpoint
 from meshproxy.dataplane.tls import TLSState
 from meshproxy.http1.errors import ConnectFailure, ProxyError
-from meshproxy.http1.events import END_OF_MESSAGE, ResponseHead, Upgrade
+from meshproxy.http1.events import END_OF_MESSAGE, HeaderList, RequestHead, ResponseHead, Upgrade
 from meshproxy.http1.response_reader import ResponseReader
+from meshproxy.http1.writer import LAST_CHUNK, chunk, request_parts
 
 log = logging.getLogger("meshproxy.upstream")
 
@@ -44,6 +45,10 @@ class ResponseReceiver:
     def response_end(self) -> None:
         raise NotImplementedError  # abstract
 
+    def response_trailers(self, fields: HeaderList) -> None:
+        """The response's trailer fields (HTTP/2 upstreams); its end follows."""
+        raise NotImplementedError  # abstract
+
     def response_upgrade(self, rest: bytes) -> None:
         """101 Switching Protocols: `rest` is what followed the head in the same read."""
         raise NotImplementedError  # abstract
@@ -58,6 +63,10 @@ class ResponseReceiver:
 
     def upstream_lost(self) -> None:
         """The connection closed while carrying this response."""
+        raise NotImplementedError  # abstract
+
+    def upstream_refused(self) -> None:
+        """An HTTP/2 upstream refused the request's stream before processing it."""
         raise NotImplementedError  # abstract
 
     def upstream_write_paused(self) -> None:
@@ -150,7 +159,48 @@ class UpstreamConnection:
         if self.exchange is not None:
             self.exchange.upstream_write_resumed()
 
-    # used by the exchange ----------------------------------------------------------------
+    # used by the forwarder: one request at a time ------------------------------------------
+    # (An HTTP/2 stream, dataplane/h2upstream.py, answers the same calls for its stream.)
+
+    def begin(self, receiver: ResponseReceiver, head: RequestHead, target: bytes,
+              body: list[bytes], *, complete: bool, upgrade: bool) -> None:
+        """Carry `receiver`'s request: send its head to `target` and the body received so far
+        (framed as the head says), its end too when `complete`."""
+        self.exchange = receiver
+        self.requests += 1
+        self.reader.expect(head.method == b"HEAD")
+        self.writelines(request_parts(head, target, body, complete=complete, upgrade=upgrade))
+
+    def send_body(self, head: RequestHead, data: bytes) -> None:
+        """A further piece of the request body."""
+        if head.chunked:
+            self.writelines(chunk(data))
+        else:
+            self.transport.write(data)
+
+    def send_end(self, head: RequestHead) -> None:
+        """The request's body ended (its trailers, if any, are not carried on HTTP/1.1)."""
+        if head.chunked:
+            self.transport.write(LAST_CHUNK)
+
+    def finish(self, reusable: bool) -> None:
+        """The response ended: back to the pool when `reusable`, else closed."""
+        self.exchange = None
+        if reusable:
+            self.pool.release(self)
+        else:
+            self.close()
+
+    def detach(self) -> None:
+        """The request no longer uses this connection (it is aborted or handed over next)."""
+        self.exchange = None
+
+    def pause_reading(self) -> None:
+        """Stop reading responses (the client reads slower than they come)."""
+        self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        self.transport.resume_reading()
 
     def writelines(self, parts: list) -> None:
         """Send `parts` (one system call)."""
@@ -219,6 +269,12 @@ class ConnectionPool:
         self.idle: list[UpstreamConnection] = []
         self._sweep: asyncio.TimerHandle | None = None
         self.open_count = 0
+
+    def speaks_h2(self) -> bool:
+        """True when requests that came as HTTP/2 go on as HTTP/2: towards another sidecar
+        over mTLS, which offers `h2` by ALPN."""
+        tls = self.tls
+        return tls is not None and tls.contexts is not None and tls.contexts.client_h2 is not None
 
     def take_idle(self) -> UpstreamConnection | None:
         """Return the newest idle connection still within its idle timeout, or None."""

@@ -112,6 +112,15 @@ def chunk(data: bytes) -> list:
     return [b"%x\r\n" % len(data), data, _CRLF]
 
 
+def last_chunk_with(trailers: HeaderList) -> bytes:
+    """Return the last chunk carrying trailer fields (RFC 9112 §7.1.2)."""
+    parts = [b"0\r\n"]
+    for name, value in trailers:
+        parts += (name, b": ", value, _CRLF)
+    parts.append(_CRLF)
+    return b"".join(parts)
+
+
 def request_parts(head: RequestHead, target: bytes, body: list[bytes], *, complete: bool,
                   upgrade: bool) -> list[bytes]:
     """Return what a try sends first (for transport.writelines): the head, the body pieces

@@ -58,6 +58,7 @@ def request_head(fields: HeaderList) -> RequestHead:
                                        and content_length != int(value)):
                 raise BadRequest("invalid content-length")
             content_length = int(value)
+            continue  # framing: written again from `content_length`, as HTTP/1.1 heads do
         elif name == b"host":
             if authority is None:
                 authority = value  # RFC 9113 §8.3.1: Host when there is no :authority

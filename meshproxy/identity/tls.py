@@ -28,6 +28,9 @@ from meshproxy.identity.csr import certificate_spiffe_id, key_pem
 from meshproxy.identity.spiffe import IdentityError
 
 ALPN = ["http/1.1"]
+# The server side also accepts `h2` (a listener tells the two apart by the preface).
+SERVER_ALPN = ["h2", "http/1.1"]
+H2_ALPN = ["h2"]
 
 
 @dataclass(frozen=True)
@@ -104,7 +107,7 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[os.write(fd, view):]
 
 
-def _context(protocol: int, cert: Certificate) -> ssl.SSLContext:
+def _context(protocol: int, cert: Certificate, alpn: list[str] = ALPN) -> ssl.SSLContext:
     context = ssl.SSLContext(protocol)
     context.minimum_version = ssl.TLSVersion.TLSv1_3
     context.maximum_version = ssl.TLSVersion.TLSv1_3
@@ -112,7 +115,7 @@ def _context(protocol: int, cert: Certificate) -> ssl.SSLContext:
         context.check_hostname = False  # identity is the peer's SPIFFE ID, not a DNS name
     context.verify_mode = ssl.CERT_REQUIRED
     context.load_verify_locations(cadata=cert.trust_bundle_pem.decode("ascii"))
-    context.set_alpn_protocols(ALPN)
+    context.set_alpn_protocols(alpn)
     return context
 
 
@@ -121,7 +124,15 @@ def ssl_contexts(cert: Certificate) -> tuple[ssl.SSLContext, ssl.SSLContext]:
     the chain, requires the peer's and verifies it against the trust bundle; ALPN `http/1.1`.
 
     Raises ssl.SSLError when the key, chain or bundle is refused by OpenSSL."""
-    server = _context(ssl.PROTOCOL_TLS_SERVER, cert)
+    server = _context(ssl.PROTOCOL_TLS_SERVER, cert, SERVER_ALPN)
     client = _context(ssl.PROTOCOL_TLS_CLIENT, cert)
     _load_chain([server, client], cert.chain_pem + cert.key_pem())
     return server, client
+
+
+def h2_client_context(cert: Certificate) -> ssl.SSLContext:
+    """Return the client context for HTTP/2 between sidecars: as `ssl_contexts`' client
+    one, offering ALPN `h2` only (the server side accepts `h2` and `http/1.1`)."""
+    client = _context(ssl.PROTOCOL_TLS_CLIENT, cert, H2_ALPN)
+    _load_chain([client], cert.chain_pem + cert.key_pem())
+    return client

@@ -61,6 +61,10 @@ class EndpointLoad:
         self.in_flight += 1
         return self._clock()
 
+    def now(self) -> float:
+        """The balancer's clock: a request's start when it is dispatched only later."""
+        return self._clock()
+
     def finish(self, started: float) -> None:
         """Count the request started at `started` as ended and record its RTT.
 

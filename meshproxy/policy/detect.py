@@ -8,8 +8,9 @@ byte for byte. Server-first protocols (MySQL, SMTP, Redis' replies aside, most d
 send nothing until the server greets them, so a connection that stays silent for a short
 time is TCP too; opaque ports skip the wait altogether.
 
-The HTTP/2 connection preface (`PRI * HTTP/2.0`) is not HTTP/1 and is proxied as TCP, so
-prior-knowledge h2c still reaches its destination, without L7 features.
+The HTTP/2 connection preface (`PRI * HTTP/2.0`, prior knowledge) goes to the same L7 path,
+which tells the two versions apart by the whole preface (dataplane/downstream.py): gRPC and
+h2c calls are balanced, retried and counted per request, not proxied as one opaque stream.
 """
 
 from __future__ import annotations
@@ -31,7 +32,9 @@ METHODS: tuple[bytes, ...] = (
     b"PROPFIND", b"PROPPATCH", b"MKCOL", b"COPY", b"MOVE", b"LOCK", b"UNLOCK", b"REPORT",
     b"SEARCH",
 )
-_PREFIXES: tuple[bytes, ...] = tuple(m + b" " for m in METHODS)
+# The start of the HTTP/2 client connection preface (RFC 9113 §3.4).
+H2_PREFACE_START = b"PRI * HTTP/2.0\r\n"
+_PREFIXES: tuple[bytes, ...] = tuple(m + b" " for m in METHODS) + (H2_PREFACE_START,)
 
 #: The most bytes `detect` ever needs to decide (the longest method token and its space).
 MAX_DETECT_BYTES = max(map(len, _PREFIXES))
@@ -39,7 +42,8 @@ MAX_DETECT_BYTES = max(map(len, _PREFIXES))
 
 def detect(first: bytes) -> str | None:
     """Return HTTP1 when `first` (the connection's first bytes, as many as have arrived)
-    begins with a known method and a space, TCP when it cannot, and None when it is a
+    begins with a known method and a space, or the HTTP/2 preface (HTTP1 names the HTTP
+    path, which serves both versions), TCP when it cannot, and None when it is a
     strict prefix of one (wait for more bytes, or decide TCP once the wait is over)."""
     head = first[:MAX_DETECT_BYTES]
     undecided = False

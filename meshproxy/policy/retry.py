@@ -26,18 +26,31 @@ if TYPE_CHECKING:
 
 __all__ = [
     "CONNECT_FAILURE",
+    "GRPC_DEFAULT_ON",
+    "GRPC_STATUSES",
+    "REFUSED_STREAM",
     "IDEMPOTENT_METHODS",
     "RESET",
     "TIMEOUT",
     "RetryBudget",
     "RetryRule",
     "backoff_delay",
+    "grpc_rule",
     "retry_reason",
 ]
 
 # RFC 9110 §9.2.2: repeating these has the same effect as sending them once.
 IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
 CONNECT_FAILURE = "connect-failure"
+# An HTTP/2 stream the server refused (REFUSED_STREAM, or above a GOAWAY's last stream id):
+# like a connect failure, the app never saw the request.
+REFUSED_STREAM = "refused-stream"
+# Statuses read from a gRPC trailers-only answer (spec §9): the server answered before any
+# response message, so the call may go again whatever its method (gRPC calls are POSTs).
+GRPC_STATUSES = frozenset({"cancelled", "deadline-exceeded", "resource-exhausted", "unavailable"})
+# A gRPC call's conditions when the policy keeps the default ones (spec §9).
+GRPC_DEFAULT_ON = frozenset({CONNECT_FAILURE, REFUSED_STREAM, "unavailable"})
+_DEFAULT_ON = frozenset({"connect-failure", "reset", "502", "503", "504"})
 RESET = "reset"
 TIMEOUT = "timeout"
 ANY_5XX = "5xx"
@@ -108,12 +121,14 @@ def retry_reason(
       on connect-failure and only when none of it was sent (`request_sent` False).
     """
     on = rule.on
-    if failure == CONNECT_FAILURE:
-        if CONNECT_FAILURE in on and (replayable or not request_sent):
-            return CONNECT_FAILURE
+    if failure == CONNECT_FAILURE or failure == REFUSED_STREAM:
+        if failure in on and (replayable or not request_sent):
+            return failure
         return None
     if not replayable:
         return None
+    if failure in GRPC_STATUSES:
+        return failure if failure in on else None
     if not rule.non_idempotent and method not in IDEMPOTENT_METHODS:
         return None
     if failure in on:
@@ -128,6 +143,20 @@ def retry_reason(
     ):
         return failure
     return None
+
+
+def grpc_rule(rule: RetryRule) -> RetryRule:
+    """The rule for a gRPC call: a refused stream is always worth another try, and a policy
+    that keeps the default conditions gets gRPC's (`connect-failure`, `refused-stream`,
+    `unavailable`; spec §9) instead of status codes a gRPC server never answers with."""
+    if rule.on == _DEFAULT_ON:
+        on = GRPC_DEFAULT_ON
+    elif REFUSED_STREAM in rule.on:
+        return rule
+    else:
+        on = rule.on | {REFUSED_STREAM}
+    return RetryRule(rule.attempts, on, rule.non_idempotent, rule.backoff_base,
+                     rule.backoff_max)
 
 
 def backoff_delay(retry_number: int, base: float, maximum: float, rng: Random) -> float:

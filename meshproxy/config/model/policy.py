@@ -12,9 +12,12 @@ from typing import ClassVar
 from meshproxy.config.model.common import ObjectMeta, Source, TargetRef
 
 LOAD_BALANCER_TYPES = ("PeakEWMA", "LeastRequest", "RoundRobin", "Random")
-# `retry.on`: connect-failure (nothing reached the app), reset, and response codes.
+# `retry.on`: connect-failure (nothing reached the app), reset, and response codes; for
+# HTTP/2 a stream the server refused, and for gRPC the statuses of trailers-only answers
+# (spec §9).
 RETRY_ON_DEFAULT = ("connect-failure", "reset", "502", "503", "504")
-RETRY_ON_WORDS = ("connect-failure", "reset", "5xx")
+RETRY_ON_WORDS = ("connect-failure", "reset", "5xx", "refused-stream", "cancelled",
+                  "deadline-exceeded", "resource-exhausted", "unavailable")
 MESHED_IDLE_TIMEOUT = 60.0  # their inbound keeps client connections 75s
 UNMESHED_IDLE_TIMEOUT = 1.5  # apps often close idle connections after 2-5s
 AUTHZ_ACTIONS = ("ALLOW", "DENY")

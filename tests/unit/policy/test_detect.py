@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 
 from meshproxy.policy.detect import (
     DEFAULT_OPAQUE_PORTS,
+    H2_PREFACE_START,
     HTTP1,
     MAX_DETECT_BYTES,
     METHODS,
@@ -29,9 +30,18 @@ def test_every_known_method_followed_by_a_space_is_http(method: bytes) -> None:
         assert detect(line[:cut]) is None, line[:cut]
 
 
+def test_the_http2_preface_goes_to_the_http_path() -> None:
+    """Prior-knowledge HTTP/2 (gRPC, h2c) is served per request, not proxied as TCP; the
+    HTTP path tells it from HTTP/1.1 by the whole preface."""
+    preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+    assert detect(preface) == HTTP1
+    for cut in range(1, len(H2_PREFACE_START)):
+        assert detect(preface[:cut]) is None, preface[:cut]
+    assert detect(b"PRI * HTTP/1.1\r\n") == TCP
+
+
 @pytest.mark.parametrize("first", [
     b"\x16\x03\x01\x02\x00",            # a TLS ClientHello
-    b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",  # the HTTP/2 preface: not HTTP/1
     b"*1\r\n$4\r\nPING\r\n",             # Redis
     b"PING\r\n",
     b"SSH-2.0-OpenSSH_9.6\r\n",
@@ -63,7 +73,7 @@ def test_opaque_skips_detection() -> None:
 
 
 def test_a_decision_needs_at_most_max_detect_bytes() -> None:
-    assert MAX_DETECT_BYTES == len(b"PROPPATCH ")
+    assert MAX_DETECT_BYTES == len(b"PRI * HTTP/2.0\r\n")
     assert detect(b"PROPPATCH" + b"x" * 100) == TCP
 
 

@@ -1,0 +1,114 @@
+"""A real gRPC server (grpcio) for the tests, with raw-bytes messages, so no generated code is
+needed: service `demo.Echo` with one method of each kind, plus the standard health service.
+
+- `Unary`: answers `NAME:REQUEST` (NAME: the server's name), or, when the request is
+  `fail-N`, the status N (as trailers-only, since nothing was sent before);
+  `sleep-MS` answers after MS milliseconds; `hang` never answers (until cancelled).
+- `ServerStream`: the request is a count N: N messages `NAME:i`.
+- `ClientStream`: answers `NAME:` + the number of messages and bytes received.
+- `Bidi`: echoes each message as `NAME:message`.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent import futures
+
+import grpc
+
+SERVICE = "demo.Echo"
+
+
+def _identity(data: bytes) -> bytes:
+    return data
+
+
+class GrpcApp:
+    """A grpcio server on 127.0.0.1:<free port>. Use start()/stop()."""
+
+    def __init__(self, name: str = "app") -> None:
+        self.name = name
+        self.port = 0
+        self.calls = 0
+        self.metadata: list[dict[str, str]] = []
+        self.time_remaining: list[float | None] = []  # each call's deadline, as the app sees it
+        self._lock = threading.Lock()
+        self._server: grpc.Server | None = None
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def _count(self, context: grpc.ServicerContext) -> None:
+        with self._lock:
+            self.calls += 1
+            self.metadata.append({k: v for k, v in context.invocation_metadata()
+                                  if isinstance(v, str)})
+            self.time_remaining.append(context.time_remaining())
+
+    def _unary(self, request: bytes, context: grpc.ServicerContext) -> bytes:
+        self._count(context)
+        text = request.decode()
+        if text.startswith("fail-"):
+            context.abort(grpc.StatusCode(_status(int(text[5:]))), f"{self.name} failed")
+        if text.startswith("sleep-"):
+            time.sleep(int(text[6:]) / 1000)
+        if text == "hang":
+            while context.is_active():
+                time.sleep(0.01)
+            return b""
+        return f"{self.name}:{text}".encode()
+
+    def _server_stream(self, request: bytes, context: grpc.ServicerContext):
+        self._count(context)
+        for i in range(int(request.decode())):
+            yield f"{self.name}:{i}".encode()
+
+    def _client_stream(self, requests, context: grpc.ServicerContext) -> bytes:
+        self._count(context)
+        count = size = 0
+        for message in requests:
+            count += 1
+            size += len(message)
+        return f"{self.name}:{count}:{size}".encode()
+
+    def _bidi(self, requests, context: grpc.ServicerContext):
+        self._count(context)
+        for message in requests:
+            yield f"{self.name}:".encode() + message
+
+    def start(self) -> "GrpcApp":
+        handlers = {
+            "Unary": grpc.unary_unary_rpc_method_handler(self._unary, _identity, _identity),
+            "ServerStream": grpc.unary_stream_rpc_method_handler(self._server_stream, _identity,
+                                                                 _identity),
+            "ClientStream": grpc.stream_unary_rpc_method_handler(self._client_stream, _identity,
+                                                                 _identity),
+            "Bidi": grpc.stream_stream_rpc_method_handler(self._bidi, _identity, _identity),
+        }
+        server = grpc.server(futures.ThreadPoolExecutor(max_workers=16))
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
+        self.port = server.add_insecure_port("127.0.0.1:0")
+        server.start()
+        self._server = server
+        return self
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.stop(grace=None)
+            self._server = None
+
+
+def _status(code: int) -> tuple:
+    for status in grpc.StatusCode:
+        if status.value[0] == code:
+            return status.value
+    raise ValueError(code)
+
+
+def stub(channel: grpc.Channel, method: str, kind: str = "unary_unary"):
+    """A callable for `demo.Echo/METHOD` on `channel` with raw-bytes messages."""
+    make = getattr(channel, kind)
+    return make(f"/{SERVICE}/{method}", request_serializer=_identity,
+                response_deserializer=_identity)
