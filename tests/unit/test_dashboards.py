@@ -114,7 +114,7 @@ def test_the_exposition_has_every_metric_of_the_spec() -> None:
     ):
         assert name in EXPOSED, name
     assert EXPOSED["meshproxy_requests_total"] == {
-        "direction", "service", "route", "code", "classification"
+        "direction", "service", "route", "code", "classification", "grpc_status"  # §6, §9
     }
     assert "le" in EXPOSED["meshproxy_request_duration_seconds_bucket"]
 

@@ -92,12 +92,28 @@ def test_requests_counted_per_label_set_and_classified() -> None:
     out = dict(direction="outbound", service="cart.shop", route=route)
     inb = dict(direction="inbound", service="cart.shop", route="default")
     assert requests == {
-        L(**out, code="200", classification="success"): 2.0,
-        L(**out, code="503", classification="failure"): 1.0,
-        L(**out, code="0", classification="failure"): 1.0,
-        L(**out, code="404", classification="success"): 1.0,
-        L(**inb, code="499", classification="success"): 1.0,
-        L(**inb, code="500", classification="failure"): 1.0,
+        L(**out, code="200", classification="success", grpc_status=""): 2.0,
+        L(**out, code="503", classification="failure", grpc_status=""): 1.0,
+        L(**out, code="0", classification="failure", grpc_status=""): 1.0,
+        L(**out, code="404", classification="success", grpc_status=""): 1.0,
+        L(**inb, code="499", classification="success", grpc_status=""): 1.0,
+        L(**inb, code="500", classification="failure", grpc_status=""): 1.0,
+    }
+
+
+def test_grpc_answers_are_counted_with_their_status_and_classified_by_it() -> None:
+    """gRPC answers are HTTP 200; their status decides: UNAVAILABLE and DEADLINE_EXCEEDED are
+    failures, NOT_FOUND is the server's answer to the caller (spec §9)."""
+    m = ProxyMetrics()
+    for grpc_status in (0, 5, 14, 4):
+        m.request_finished("outbound", "drone.default", "default", 200, 0.01, 5, 5, grpc_status)
+    requests = series(scrape(m), "meshproxy_requests_total")
+    out = dict(direction="outbound", service="drone.default", route="default", code="200")
+    assert requests == {
+        L(**out, classification="success", grpc_status="0"): 1.0,
+        L(**out, classification="success", grpc_status="5"): 1.0,
+        L(**out, classification="failure", grpc_status="14"): 1.0,
+        L(**out, classification="failure", grpc_status="4"): 1.0,
     }
 
 
@@ -260,5 +276,5 @@ def test_request_finished_cost() -> None:
     print(f"\nrequest_finished: {seconds / n * 1e6:.2f} us per call (incl. lambda)")
     assert series(scrape(m), "meshproxy_requests_total") == {
         L(direction="outbound", service="cart.shop", route="shop/checkout/0",
-          code="200", classification="success"): 3 * n,
+          code="200", classification="success", grpc_status=""): 3 * n,
     }
