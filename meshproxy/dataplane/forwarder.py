@@ -87,8 +87,8 @@ class Forwarder(ResponseReceiver):
         # A gRPC call (http2/grpc.py): its deadline, its errors and retry conditions differ.
         self.grpc = head.version == "2" and is_grpc(head)
         self.deadline = 0.0  # loop time a gRPC call's grpc-timeout ends at (0: none)
-        # Carried upstream over HTTP/2: gRPC always (it needs HTTP/2), other HTTP/2
-        # requests towards another sidecar (h2 by ALPN over mTLS).
+        # Carried upstream over HTTP/2: gRPC always (it needs HTTP/2); other requests
+        # towards another sidecar (h2 by ALPN over mTLS; see _attempt).
         self.h2 = self.grpc
 
     # -- starting -------------------------------------------------------------------------------
@@ -131,7 +131,10 @@ class Forwarder(ResponseReceiver):
         endpoint = self.endpoint_try.begin(service, attempts.tried if attempts is not None else None)
         if attempts is not None:
             attempts.try_started(self._try_timed_out)
-        if self.h2 or (self.head.version == "2" and endpoint.pool.speaks_h2()):
+        if self.h2 or (not self.upgrading and self.head.version != "1.0"
+                       and endpoint.pool.speaks_h2()):
+            # gRPC; or a request to another sidecar, which takes HTTP/1.1 requests too on
+            # the one HTTP/2 connection between the pair (fields.ORIG_PROTO marks them).
             self._attempt_h2(endpoint)
             return
         conn = None if self.fresh_only else endpoint.pool.take_idle()

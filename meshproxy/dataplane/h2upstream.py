@@ -23,6 +23,7 @@ import ssl
 from typing import Callable
 
 from meshproxy.dataplane.connect import asyncio_tls, connect_endpoint
+from meshproxy.dataplane.tls import Contexts
 from meshproxy.dataplane.upstream import ConnectionPool, ResponseReceiver, UpstreamConnection
 from meshproxy.http1.errors import ProxyError, UpstreamProtocolError, UpstreamReset
 from meshproxy.http1.events import RequestHead
@@ -156,7 +157,8 @@ class Http2UpstreamConnection:
     transport: asyncio.Transport
 
     __slots__ = ("pool", "h2pool", "transport", "codec", "streams", "max_streams", "closed",
-                 "going_away", "scheme", "idle_since", "write_blocked", "opened")
+                 "going_away", "scheme", "idle_since", "write_blocked", "opened", "contexts",
+                 "idle_timer")
 
     def __init__(self, pool: ConnectionPool, h2pool: "Http2Pool", scheme: bytes) -> None:
         self.pool = pool
@@ -170,6 +172,11 @@ class Http2UpstreamConnection:
         self.idle_since = 0.0
         self.write_blocked = False  # the socket's send buffer is full
         self.opened = 0  # streams opened so far
+        # The TLS contexts in force when it was opened: after a certificate rotation it takes
+        # no new stream (new connections use the new certificate), and closes when idle.
+        tls = pool.tls
+        self.contexts: Contexts | None = tls.contexts if tls is not None else None
+        self.idle_timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -179,8 +186,14 @@ class Http2UpstreamConnection:
     @property
     def available(self) -> bool:
         """True when another stream may be opened here."""
-        return (not self.closed and not self.going_away
+        return (not self.closed and not self.going_away and not self.stale
                 and len(self.streams) < self.max_streams)
+
+    @property
+    def stale(self) -> bool:
+        """True once the certificate it was opened with has been replaced."""
+        tls = self.pool.tls
+        return tls is not None and tls.contexts is not self.contexts
 
     def new_stream(self) -> Http2UpstreamStream:
         self.opened += 1
@@ -195,6 +208,7 @@ class Http2UpstreamConnection:
             return
         touched: list[ResponseReceiver] = []
         streams = self.streams
+        opened = False
         for event in events:
             kind = event.__class__
             if kind is Data:
@@ -205,7 +219,7 @@ class Http2UpstreamConnection:
             elif kind is Reset or kind is Closed:
                 self._stream_closed(event.stream_id, event.code)  # type: ignore[union-attr]
             elif kind is WindowOpened:
-                self._window_opened()
+                opened = True
             elif kind is PeerSettings:
                 limit = event.max_concurrent_streams  # type: ignore[union-attr]
                 self.max_streams = limit if limit is not None else 1 << 31
@@ -217,6 +231,10 @@ class Http2UpstreamConnection:
         for receiver in touched:
             receiver.flush()
         self.flush()
+        if opened:
+            # Only now, once the codec has framed what the new credit admits, does a
+            # stream's queue shrink: then its client is read again.
+            self._window_opened()
         if not self.closed and self.going_away and not self.streams:
             self.close()
 
@@ -236,11 +254,15 @@ class Http2UpstreamConnection:
             except ProxyError as exc:
                 self._stream_failed(stream, exc)
                 return
-            if event.informational:
-                head.status = head.status  # an interim 1xx: passed on as it came
-            else:
+            if not event.informational:
                 stream.response_started = True
-                head.keep_alive = True
+                if head.content_length is None and head.status >= 200 \
+                        and head.status not in (204, 304):
+                    if event.end_stream:
+                        head.content_length = 0  # (a trailers-only answer, say)
+                    else:
+                        # A body of unknown length: an HTTP/1.1 client gets it chunked.
+                        head.chunked = True
             receiver.response_head(head)
             if event.end_stream and stream.exchange is receiver:
                 self._ended(stream, receiver)
@@ -294,6 +316,8 @@ class Http2UpstreamConnection:
 
     def _window_opened(self) -> None:
         codec = self.codec
+        if self.closed or self.write_blocked:
+            return
         for stream in list(self.streams.values()):
             if stream.write_paused and codec.queued(stream.stream_id) <= QUEUED_LIMIT:
                 stream.write_paused = False
@@ -310,11 +334,25 @@ class Http2UpstreamConnection:
     def _after_stream(self) -> None:
         if self.streams or self.closed:
             return
-        if self.going_away:
+        if self.going_away or self.stale:
             self.close()
         else:
-            self.idle_since = self.pool.loop.time()
+            pool = self.pool
+            self.idle_since = pool.loop.time()
+            if self.idle_timer is None:
+                self.idle_timer = pool.loop.call_later(pool.idle_timeout, self._idle_check)
             self.h2pool.idle(self)
+
+    def _idle_check(self) -> None:
+        """Close after the pool's idle timeout without a stream (as HTTP/1.1 ones are)."""
+        self.idle_timer = None
+        if self.closed or self.streams:
+            return
+        left = self.idle_since + self.pool.idle_timeout - self.pool.loop.time()
+        if left > 0.001:
+            self.idle_timer = self.pool.loop.call_later(left, self._idle_check)
+            return
+        self.close()
 
     def flush(self) -> None:
         if self.closed:
@@ -367,6 +405,9 @@ class Http2UpstreamConnection:
         if self.closed:
             return
         self.closed = True
+        if self.idle_timer is not None:
+            self.idle_timer.cancel()
+            self.idle_timer = None
         self.h2pool.forget(self)
         self.transport.close()
 
@@ -385,7 +426,10 @@ class Http2Pool:
     def take_stream(self) -> Http2UpstreamStream | None:
         """A new stream on the least loaded connection with room, or None."""
         best: Http2UpstreamConnection | None = None
-        for conn in self.conns:
+        for conn in list(self.conns):
+            if not conn.streams and conn.stale:
+                conn.close()  # opened with a certificate since replaced
+                continue
             if conn.available and (best is None or len(conn.streams) < len(best.streams)):
                 best = conn
         if best is None:

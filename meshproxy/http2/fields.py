@@ -32,6 +32,12 @@ CONNECTION_SPECIFIC: Final = frozenset({
 # Marks an HTTP/2 request head: RequestHead.version of a request received as a stream.
 VERSION: Final = "2"
 
+# Between sidecars, HTTP/1.1 requests travel on the HTTP/2 connection too, marked with this
+# field so that the receiving sidecar gives the app HTTP/1.1 (spec §9; Linkerd's
+# `l5d-orig-proto`). Field names arrive lower-cased, as HTTP/2 has them.
+ORIG_PROTO: Final = b"x-meshproxy-orig-proto"
+ORIG_HTTP11: Final = b"HTTP/1.1"
+
 
 def request_head(fields: HeaderList) -> RequestHead:
     """Return the RequestHead of a received request's header list (pseudo-header fields
@@ -40,6 +46,7 @@ def request_head(fields: HeaderList) -> RequestHead:
     method = scheme = authority = path = None
     headers: HeaderList = []
     content_length: int | None = None
+    version = VERSION
     for name, value in fields:
         if name[:1] == b":":
             if name == b":method":
@@ -63,6 +70,10 @@ def request_head(fields: HeaderList) -> RequestHead:
             if authority is None:
                 authority = value  # RFC 9113 §8.3.1: Host when there is no :authority
             continue  # written again from the authority
+        elif name == ORIG_PROTO:
+            if value == ORIG_HTTP11:
+                version = "1.1"  # an HTTP/1.1 request carried between sidecars
+            continue
         headers.append((name, value))
     if method is None or scheme is None or path is None:
         raise BadRequest("an HTTP/2 request without :method, :scheme or :path")
@@ -73,7 +84,7 @@ def request_head(fields: HeaderList) -> RequestHead:
     # The authority goes first, as a Host field would come in an HTTP/1.1 head: the mesh's
     # resolvers and routes read `host`.
     headers.insert(0, (b"host", authority))
-    head = RequestHead(method, path, VERSION, headers)
+    head = RequestHead(method, path, version, headers)
     head.host = authority
     head.content_length = content_length
     for name, value in headers:
@@ -99,6 +110,8 @@ def request_fields(head: RequestHead, target: bytes, scheme: bytes = b"http") ->
         fields.append((lname, value.strip(b" \t")))
     if head.content_length is not None and not head.chunked:
         fields.append((b"content-length", b"%d" % head.content_length))
+    if head.version != VERSION:
+        fields.append((ORIG_PROTO, ORIG_HTTP11))
     return fields
 
 

@@ -53,9 +53,30 @@ def test_an_http1_request_goes_on_a_stream_without_its_connection_fields() -> No
     [head, *_] = RequestReader().feed(
         b"POST /up HTTP/1.1\r\nHost: shop\r\nConnection: keep-alive\r\nKeep-Alive: 5\r\n"
         b"TE: gzip\r\nX-Thing:  v \r\nContent-Length: 3\r\n\r\nabc")
+    # Marked as HTTP/1.1, so that a receiving sidecar gives its app HTTP/1.1 (spec §9).
     assert request_fields(head, b"/up") == [
         (b":method", b"POST"), (b":scheme", b"http"), (b":authority", b"shop"),
-        (b":path", b"/up"), (b"x-thing", b"v"), (b"content-length", b"3")]
+        (b":path", b"/up"), (b"x-thing", b"v"), (b"content-length", b"3"),
+        (b"x-meshproxy-orig-proto", b"HTTP/1.1")]
+
+
+def test_an_http1_request_carried_between_sidecars_is_http1_again() -> None:
+    [head, *_] = RequestReader().feed(
+        b"PUT /item?x=1 HTTP/1.1\r\nHost: shop:8080\r\nX-A: 1\r\nTransfer-Encoding: chunked\r\n"
+        b"\r\n")
+    assert head.chunked
+    received = request_head(request_fields(head, b"/item?x=1"))
+    assert received.version == "1.1"
+    assert (received.method, received.target, received.host) == (b"PUT", b"/item?x=1", b"shop:8080")
+    assert received.headers == [(b"host", b"shop:8080"), (b"x-a", b"1")]  # no marker left
+    assert received.content_length is None  # the body's length is unknown: chunked again
+
+
+def test_an_http2_request_is_not_marked() -> None:
+    head = request_head([(b":method", b"GET"), (b":scheme", b"http"), (b":path", b"/"),
+                         (b":authority", b"a")])
+    assert head.version == "2"
+    assert (b"x-meshproxy-orig-proto", b"HTTP/1.1") not in request_fields(head, b"/")
 
 
 def test_te_trailers_is_the_one_te_kept() -> None:
