@@ -388,14 +388,22 @@ class Codec:
         self._conn.end_stream(stream_id)
 
     def reset(self, stream_id: int, code: int = CANCEL) -> None:
-        """Reset `stream_id` (RST_STREAM)."""
-        self._conn.reset_stream(stream_id, code)
+        """Reset `stream_id` (RST_STREAM). Nothing once the session is ending (its last
+        stream done after a GOAWAY): the library then takes no frame, and none is needed."""
+        try:
+            self._conn.reset_stream(stream_id, code)
+        except ngh2.ConnectionStateError:
+            pass
 
     def consumed(self, stream_id: int, amount: int) -> None:
         """`amount` received body bytes of `stream_id` have been passed on: give the peer
-        that much credit again (on the stream and the connection)."""
+        that much credit again (on the stream and the connection). Nothing once the session
+        is ending (see `reset`)."""
         if amount > 0:
-            self._conn.acknowledge_received_data(amount, stream_id)
+            try:
+                self._conn.acknowledge_received_data(amount, stream_id)
+            except ngh2.ConnectionStateError:
+                pass
 
     def queued(self, stream_id: int) -> int:
         """Body bytes of `stream_id` waiting for the peer's window."""
