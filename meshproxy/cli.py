@@ -110,7 +110,7 @@ def _add_control(sub: argparse._SubParsersAction) -> None:
         "control",
         help="run the control plane",
         description="Watch the configuration (YAML files and folders, and with --kubernetes the "
-        "cluster's Services, EndpointSlices, Pods, HTTPRoutes and meshproxy.io resources) and "
+        "cluster's Services, EndpointSlices, Pods, HTTPRoutes, GRPCRoutes and meshproxy.io resources) and "
         "serve each proxy its view of it. An invalid change is refused and the last valid "
         "configuration stays in force.",
     )
@@ -144,7 +144,9 @@ def _add_check(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--strict", action="store_true", help="warnings also fail the check")
     p.add_argument("--explain", metavar="REQUEST", default=None,
                    help="show how a request would be routed, e.g. "
-                   "'GET http://delivery/api/deliveries/7 -H x-beta:true'")
+                   "'GET http://delivery/api/deliveries/7 -H x-beta:true', or a gRPC call: "
+                   "'GRPC [NAMESPACE/]SERVICE/grpc.Service/Method [-H NAME:VALUE]...', e.g. "
+                   "'GRPC drone/drone.v1.Tracking/Watch'")
 
 
 def _add_up(sub: argparse._SubParsersAction) -> None:

@@ -10,6 +10,7 @@ from meshproxy.config.duration import parse_duration
 from meshproxy.config.loader import LoadResult, load, load_config, load_objects, load_text
 from meshproxy.config.model import (
     AuthorizationPolicy,
+    GRPCRoute,
     HTTPRoute,
     Instance,
     Mesh,
@@ -26,6 +27,7 @@ __all__ = [
     "ConfigError",
     "DEFAULT_TRAFFIC_POLICY",
     "Diagnostic",
+    "GRPCRoute",
     "HTTPRoute",
     "Instance",
     "LoadResult",

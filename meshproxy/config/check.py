@@ -36,8 +36,9 @@ def run_check(paths: Sequence[str], strict: bool = False, out: TextIO | None = N
               err: TextIO | None = None, explain: str | None = None) -> int:
     """Check `paths` and print the outcome; return the exit code (0 valid, 1 not).
 
-    With `explain` (`METHOD URL [-H NAME:VALUE]...`), a valid configuration is followed by
-    how that request would be routed; a malformed request exits 2.
+    With `explain` (`METHOD URL [-H NAME:VALUE]...`, or for a gRPC call
+    `GRPC [NAMESPACE/]SERVICE/grpc.Service/Method [-H NAME:VALUE]...`), a valid configuration
+    is followed by how that request would be routed; a malformed request exits 2.
     """
     out = out or sys.stdout
     err = err or sys.stderr

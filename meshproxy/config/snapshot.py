@@ -2,6 +2,11 @@
 of each, routes attached to each, and name resolution. No I/O; build one per valid change and
 swap it in one step.
 
+Routes (HTTPRoute, GRPCRoute) attach to the Services their parentRefs name. A Service with
+both kinds attached uses its GRPCRoutes and ignores its HTTPRoutes (Gateway API GEP-1426: of
+different route types bound to the same Service, GRPCRoute wins over HTTPRoute; rules of the
+two kinds are never merged); `ignored_routes_for` names the HTTPRoutes left out.
+
 Scope of TrafficPolicy, PeerAuthentication and AuthorizationPolicy (spec §3): a targetRef on the
 Service wins over a namespace-wide one (no targetRef, same namespace), which wins over one in the
 root namespace `meshproxy-system`; with none, the defaults. Only the narrowest scope that has
@@ -18,6 +23,7 @@ from meshproxy.config.diagnostics import Diagnostic
 from meshproxy.config.export import content_version, to_plain
 from meshproxy.config.model import (
     AuthorizationPolicy,
+    GRPCRoute,
     HTTPRoute,
     Instance,
     Mesh,
@@ -27,9 +33,12 @@ from meshproxy.config.model import (
     TrafficPolicy,
 )
 from meshproxy.config.model.common import DEFAULT_NAMESPACE, DEFAULT_TRUST_DOMAIN, ROOT_NAMESPACE, split_service_key
+from meshproxy.config.model.grpcroute import winning_route_kind
 from meshproxy.config.model.mesh import ALLOW_ANY
 
 DEFAULT_TRAFFIC_POLICY = TrafficPolicy()
+Route = HTTPRoute | GRPCRoute
+ROUTE_KINDS = (HTTPRoute, GRPCRoute)
 _P = TypeVar("_P", TrafficPolicy, PeerAuthentication, AuthorizationPolicy)
 
 
@@ -92,14 +101,15 @@ class Snapshot:
         self._traffic = _Scoped(r for r in self.resources if isinstance(r, TrafficPolicy))
         self._peer = _Scoped(r for r in self.resources if isinstance(r, PeerAuthentication))
         self._authz = _Scoped(r for r in self.resources if isinstance(r, AuthorizationPolicy))
-        self._routes = self._attach_routes()
+        self._routes, self._ignored_routes = self._attach_routes()
         self._hosts = self._host_index()
         self._instances = {(i.app_host, i.app_port): (s, i) for s in service_list for i in s.instances}
 
-    def _attach_routes(self) -> dict[str, tuple[HTTPRoute, ...]]:
-        attached: dict[str, list[tuple[int, str, str, HTTPRoute]]] = {}
+    def _attach_routes(self) -> tuple[dict[str, tuple[Route, ...]], dict[str, tuple[Route, ...]]]:
+        """(routes in force, routes ignored) per Service key, each oldest first."""
+        attached: dict[str, list[tuple[int, str, str, Route]]] = {}
         for index, r in enumerate(self.resources):
-            if not isinstance(r, HTTPRoute):
+            if not isinstance(r, ROUTE_KINDS):
                 continue
             for ref in r.parent_refs:
                 service = self.services.get(ref.service_key)
@@ -108,7 +118,14 @@ class Snapshot:
                 entries = attached.setdefault(ref.service_key, [])
                 if all(e[3] is not r for e in entries):
                     entries.append((index, r.metadata.namespace, r.metadata.name, r))
-        return {key: tuple(e[3] for e in sorted(entries, key=lambda e: e[:3])) for key, entries in attached.items()}
+        in_force: dict[str, tuple[Route, ...]] = {}
+        ignored: dict[str, tuple[Route, ...]] = {}
+        for key, entries in attached.items():
+            routes = tuple(e[3] for e in sorted(entries, key=lambda e: e[:3]))
+            in_force[key], left_out = winning_route_kind(routes)
+            if left_out:
+                ignored[key] = left_out
+        return in_force, ignored
 
     def _host_index(self) -> dict[str, Service]:
         hosts: dict[str, Service] = {}
@@ -150,9 +167,15 @@ class Snapshot:
         that has any, oldest first); () when none applies and so everything is allowed."""
         return self._authz.lookup(*split_service_key(service_key))
 
-    def routes_for(self, service_key: str) -> tuple[HTTPRoute, ...]:
-        """Return the HTTPRoutes attached to Service `NAME.NAMESPACE`, oldest first."""
+    def routes_for(self, service_key: str) -> tuple[Route, ...]:
+        """Return the routes in force for Service `NAME.NAMESPACE`, oldest first: its
+        GRPCRoutes when it has any, else its HTTPRoutes (never both kinds)."""
         return self._routes.get(service_key, ())
+
+    def ignored_routes_for(self, service_key: str) -> tuple[Route, ...]:
+        """Return the routes attached to a Service but not in force (its HTTPRoutes, when a
+        GRPCRoute is attached too), oldest first."""
+        return self._ignored_routes.get(service_key, ())
 
     # Names and addresses.
 
@@ -188,6 +211,11 @@ class Snapshot:
             entry["mtlsMode"] = self.mtls_mode_for(key)
             entry["authorizationPolicies"] = [to_plain(p) for p in self.authorization_policies_for(key)]
             entry["routes"] = [f"{r.metadata.namespace}/{r.metadata.name}" for r in self.routes_for(key)]
+            if any(isinstance(r, GRPCRoute) for r in self.routes_for(key)):
+                entry["routeKind"] = GRPCRoute.kind
+            ignored = self.ignored_routes_for(key)
+            if ignored:
+                entry["ignoredRoutes"] = [f"{r.kind} {r.metadata.namespace}/{r.metadata.name}" for r in ignored]
             services[key] = entry
         mesh = None
         if self.mesh is not None:
@@ -199,7 +227,7 @@ class Snapshot:
             "outboundTrafficPolicy": self.outbound_traffic_policy,
             "mesh": mesh,
             "services": services,
-            "routes": [to_plain(r) for r in self.resources if isinstance(r, HTTPRoute)],
+            "routes": [to_plain(r) for r in self.resources if isinstance(r, ROUTE_KINDS)],
             "resources": [
                 {"kind": r.kind, "namespace": r.metadata.namespace, "name": r.metadata.name,
                  "source": str(r.source) if r.source else None}

@@ -1,13 +1,15 @@
 """Checks that look across documents: duplicate names, one Mesh, references to Services the
-Mesh does not define, policies that another one shadows, route rules that can never match."""
+Mesh does not define, policies that another one shadows, route rules that can never match,
+HTTPRoutes left out because a GRPCRoute is attached to the same Service."""
 
 from __future__ import annotations
 
 from typing import Sequence
 
 from meshproxy.config.diagnostics import Diagnostics
-from meshproxy.config.model import HTTPRoute, Mesh, PeerAuthentication, TrafficPolicy
-from meshproxy.config.model.route import RouteMatch
+from meshproxy.config.model import GRPCRoute, HTTPRoute, Mesh, PeerAuthentication, TrafficPolicy
+from meshproxy.config.model.grpcroute import GRPCRouteMatch, GRPCRouteRule
+from meshproxy.config.model.route import RouteMatch, RouteRule
 from meshproxy.config.parse import Parsed
 
 
@@ -19,6 +21,7 @@ def cross_check(parsed: Sequence[Parsed], diags: Diagnostics) -> None:
         _references(parsed, mesh, diags)
     _shadowed_policies(parsed, diags)
     _unreachable_rules(parsed, mesh, diags)
+    _conflicting_route_kinds(parsed, mesh, diags)
 
 
 def _where(p: Parsed) -> str:
@@ -76,8 +79,11 @@ def _shadowed_policies(parsed: Sequence[Parsed], diags: Diagnostics) -> None:
                       f"(at {_where(seen[key])}) already applies to {scope}; this one is not used")
 
 
-def _signature(match: RouteMatch) -> tuple:
-    """The match with its header and query conditions in a canonical order."""
+def _signature(match: RouteMatch | GRPCRouteMatch) -> tuple:
+    """The match with its header and query conditions in a canonical order (and its kind: an
+    HTTPRoute and a GRPCRoute rule never shadow each other)."""
+    if isinstance(match, GRPCRouteMatch):
+        return ("GRPCRoute", match.method, tuple(sorted(match.headers, key=repr)))
     return (match.path, tuple(sorted(match.headers, key=repr)), tuple(sorted(match.query_params, key=repr)),
             match.method)
 
@@ -89,12 +95,14 @@ def _unreachable_rules(parsed: Sequence[Parsed], mesh: Mesh | None, diags: Diagn
     taken: dict[tuple[str, tuple], str] = {}
     for p in parsed:
         route = p.resource
-        if not isinstance(route, HTTPRoute):
+        if not isinstance(route, (HTTPRoute, GRPCRoute)):
             continue
         parents = {ref.service_key for ref in route.parent_refs if ref.attaches(ports.get(ref.service_key))}
-        for i, rule in enumerate(route.rules):
+        rules: Sequence[RouteRule | GRPCRouteRule] = route.rules
+        for i, rule in enumerate(rules):
             label = route.rule_label(i)
-            for j, match in enumerate(rule.matches):
+            matches: Sequence[RouteMatch | GRPCRouteMatch] = rule.matches
+            for j, match in enumerate(matches):
                 sig = _signature(match)
                 owners = {taken.get((parent, sig)) for parent in parents}
                 if parents and None not in owners:
@@ -104,3 +112,29 @@ def _unreachable_rules(parsed: Sequence[Parsed], mesh: Mesh | None, diags: Diagn
                                   "and takes precedence")
                 for parent in parents:
                     taken.setdefault((parent, sig), label)
+
+
+def _conflicting_route_kinds(parsed: Sequence[Parsed], mesh: Mesh | None, diags: Diagnostics) -> None:
+    """An HTTPRoute attached to a Service that a GRPCRoute is attached to as well is not used
+    for it: only one route type applies to a Service, GRPCRoute first (GEP-1426)."""
+    ports = {s.key: s.port for s in mesh.services} if mesh is not None else {}
+    grpc: dict[str, GRPCRoute] = {}
+    for p in parsed:
+        if isinstance(p.resource, GRPCRoute):
+            for ref in p.resource.parent_refs:
+                if ref.attaches(ports.get(ref.service_key)):
+                    grpc.setdefault(ref.service_key, p.resource)
+    if not grpc:
+        return
+    for p in parsed:
+        route = p.resource
+        if not isinstance(route, HTTPRoute):
+            continue
+        for i, ref in enumerate(route.parent_refs):
+            winner = grpc.get(ref.service_key)
+            if winner is None or not ref.attaches(ports.get(ref.service_key)):
+                continue
+            path = f"spec.parentRefs[{i}]"
+            diags.warning(p.pos(path), f"{path}: Service '{ref.service_key}' has GRPCRoute "
+                          f"{winner.metadata.namespace}/{winner.metadata.name} attached, which takes "
+                          "precedence (GEP-1426): this HTTPRoute is not used for it")

@@ -16,6 +16,7 @@ API_VERSIONS: dict[str, str] = {
     "Pod": "v1",
     "Namespace": "v1",
     "HTTPRoute": "gateway.networking.k8s.io/v1",
+    "GRPCRoute": "gateway.networking.k8s.io/v1",
     "TrafficPolicy": "meshproxy.io/v1alpha1",
     "PeerAuthentication": "meshproxy.io/v1alpha1",
     "AuthorizationPolicy": "meshproxy.io/v1alpha1",

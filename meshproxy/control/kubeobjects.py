@@ -3,7 +3,7 @@
 `ClusterState` (control/clusterstate.py) holds the objects a list + watch delivers.
 `documents_from_cluster` turns them into plain
 documents of the shape users write in files: one `Mesh` named `kubernetes` holding every
-Service with its instances, then the HTTPRoutes and the meshproxy.io policies.
+Service with its instances, then the HTTPRoutes, GRPCRoutes and the meshproxy.io policies.
 
 Where the Mesh shape and Kubernetes differ, these choices hold:
 
@@ -59,7 +59,7 @@ from meshproxy.control.clusterstate import ClusterState, Key, metadata_of, names
 from meshproxy.control.screening import Rejection
 
 # Kinds passed through as documents, in this order after the Mesh.
-DOCUMENT_KINDS = ("HTTPRoute", "TrafficPolicy", "PeerAuthentication", "AuthorizationPolicy")
+DOCUMENT_KINDS = ("HTTPRoute", "GRPCRoute", "TrafficPolicy", "PeerAuthentication", "AuthorizationPolicy")
 MESH_NAME = "kubernetes"
 SIDECAR_CONTAINER = "meshproxy-proxy"
 SERVICE_NAME_LABEL = "kubernetes.io/service-name"
@@ -75,7 +75,7 @@ _SHAPE_ERRORS = (AttributeError, KeyError, TypeError, ValueError)
 def documents_from_cluster(state: ClusterState, *, trust_domain: str = DEFAULT_TRUST_DOMAIN,
                            rejected: list[Rejection] | None = None) -> list[dict]:
     """Return the configuration documents of `state`: the Mesh (every Service with its
-    instances), then HTTPRoutes, TrafficPolicies, PeerAuthentications, AuthorizationPolicies,
+    instances), then HTTPRoutes, GRPCRoutes, TrafficPolicies, PeerAuthentications, AuthorizationPolicies,
     each kind oldest first. Fresh data: the caller may keep or change it.
 
     Services and EndpointSlices that cannot be mapped are left out and appended to `rejected`

@@ -1,5 +1,5 @@
 """Discovery from a Kubernetes API server: list + watch of Services, EndpointSlices, Pods,
-Namespaces, HTTPRoutes and the meshproxy.io kinds, turned into configuration documents.
+Namespaces, HTTPRoutes, GRPCRoutes and the meshproxy.io kinds, turned into configuration documents.
 
 Each kind (in each watched namespace) follows the API server's list-then-watch contract
 (https://kubernetes.io/docs/reference/using-api/api-concepts/#efficient-detection-of-changes):
@@ -8,7 +8,7 @@ last resourceVersion seen. `410 Gone` (that version is compacted away) means lis
 and dropped connections are retried with capped, fully jittered exponential backoff; the
 watch then resumes from where it was, so nothing in between is lost.
 
-A kind whose CRD is not installed (404: HTTPRoute, the meshproxy.io kinds) is logged once,
+A kind whose CRD is not installed (404: HTTPRoute, GRPCRoute, the meshproxy.io kinds) is logged once,
 treated as empty and asked for again every `backoff_max` seconds; so are Namespaces when the
 control plane may not read them (403). Anything else (a kind it may not read, 5xx, no
 connection) is retried with backoff, and until every kind has been listed once nothing is
@@ -93,6 +93,7 @@ RESOURCES = (
     # A CRD that is not installed has no objects. 403 is not absence: taking an unreadable
     # AuthorizationPolicy for none would open what it closes.
     Resource("HTTPRoute", "CustomObjectsApi", "gateway.networking.k8s.io", "v1", "httproutes", absent_when=(404,)),
+    Resource("GRPCRoute", "CustomObjectsApi", "gateway.networking.k8s.io", "v1", "grpcroutes", absent_when=(404,)),
     Resource("TrafficPolicy", "CustomObjectsApi", "meshproxy.io", "v1alpha1", "trafficpolicies",
              absent_when=(404,)),
     Resource("PeerAuthentication", "CustomObjectsApi", "meshproxy.io", "v1alpha1", "peerauthentications",

@@ -1,6 +1,11 @@
 """`meshproxy check PATH --explain 'GET http://delivery/api/7 -H x-beta:true'`: which route and
 rule a request would take, the backends it could go to with their shares, and the filters,
 timeouts and retry that apply. Pure: a snapshot and a request in, lines of text out.
+
+A gRPC call is written `GRPC [NAMESPACE/]SERVICE/grpc.Service/Method [-H NAME:VALUE]...`
+(`GRPC delivery/drone.Tracking/Watch`: Service `delivery`, gRPC service `drone.Tracking`,
+method `Watch`) and explained as the request it is on the wire: `POST /grpc.Service/Method`
+with `content-type: application/grpc` (unless a -H gives another).
 """
 
 from __future__ import annotations
@@ -8,11 +13,24 @@ from __future__ import annotations
 import shlex
 from urllib.parse import urlsplit
 
+from meshproxy.config.model.grpcroute import GRPCRoute, GRPCRouteMatch
 from meshproxy.policy.router import RouteDecision, RouteTable
 
 
 class ExplainError(ValueError):
-    """The request to explain is not of the form `METHOD URL [-H NAME:VALUE]...`."""
+    """The request to explain is not of the form `METHOD URL [-H NAME:VALUE]...` (or
+    `GRPC [NAMESPACE/]SERVICE/grpc.Service/Method [-H NAME:VALUE]...`)."""
+
+
+GRPC_FORM = "GRPC [NAMESPACE/]SERVICE/grpc.Service/Method [-H NAME:VALUE]..."
+GRPC_CONTENT_TYPE = "application/grpc"
+
+
+def _words(text: str) -> list[str]:
+    try:
+        return shlex.split(text)
+    except ValueError as exc:
+        raise ExplainError(str(exc)) from None
 
 
 def parse_request(text: str) -> tuple[str, str, str, dict[str, str]]:
@@ -20,16 +38,46 @@ def parse_request(text: str) -> tuple[str, str, str, dict[str, str]]:
 
     Raises ExplainError.
     """
-    try:
-        words = shlex.split(text)
-    except ValueError as exc:
-        raise ExplainError(str(exc)) from None
+    words = _words(text)
     if len(words) < 2:
         raise ExplainError("expected: METHOD URL [-H NAME:VALUE]...")
     method, url, rest = words[0].upper(), words[1], words[2:]
     parts = urlsplit(url if "://" in url else "http://" + url)
     if not parts.hostname:
         raise ExplainError(f"no host in {url!r}")
+    headers = _headers(rest)
+    target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    return method, parts.hostname, target, headers
+
+
+def parse_grpc_call(text: str) -> tuple[str, str, str, dict[str, str]]:
+    """Return (host, gRPC service, gRPC method, headers) from
+    `GRPC [NAMESPACE/]SERVICE/grpc.Service/Method [-H N:V]...`; the host is `SERVICE.NAMESPACE`
+    when a namespace is given, else `SERVICE` as written (any form a caller may use, e.g.
+    `drone.default` or `drone:50051`). Headers include `content-type: application/grpc` unless
+    they give one.
+
+    Raises ExplainError.
+    """
+    words = _words(text)
+    if len(words) < 2 or words[0].upper() != "GRPC":
+        raise ExplainError(f"expected: {GRPC_FORM}")
+    parts = words[1].strip("/").split("/")
+    if len(parts) not in (3, 4) or not all(parts):
+        raise ExplainError(f"expected [NAMESPACE/]SERVICE/grpc.Service/Method, got {words[1]!r}")
+    if len(parts) == 4:
+        namespace, name, service, method = parts
+        host = f"{name}.{namespace}"
+    else:
+        host, service, method = parts
+    headers = {"content-type": GRPC_CONTENT_TYPE}
+    headers.update(_headers(words[2:]))
+    return host, service, method, headers
+
+
+def _headers(rest: list[str]) -> dict[str, str]:
+    """The `-H NAME:VALUE` arguments as a dict (names lowercased). Raises ExplainError."""
+    rest = list(rest)
     headers: dict[str, str] = {}
     while rest:
         flag = rest.pop(0)
@@ -39,8 +87,7 @@ def parse_request(text: str) -> tuple[str, str, str, dict[str, str]]:
         if not sep or not name.strip():
             raise ExplainError("a header is given as -H NAME:VALUE")
         headers[name.strip().lower()] = value.strip()
-    target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-    return method, parts.hostname, target, headers
+    return headers
 
 
 def _fmt_seconds(value: float | None) -> str:
@@ -77,14 +124,36 @@ def _describe_filter(f) -> str:
     return f.type
 
 
+def _is_grpc(headers: dict[str, str]) -> bool:
+    """True for a gRPC request: content-type `application/grpc`, alone or with `+...`/`;...`."""
+    value = headers.get("content-type", "")
+    return value == GRPC_CONTENT_TYPE or value.startswith((GRPC_CONTENT_TYPE + "+", GRPC_CONTENT_TYPE + ";"))
+
+
+def _describe_grpc_match(match: GRPCRouteMatch) -> str:
+    parts = [match.method.describe() if match.method is not None else "any service, any method"]
+    parts += [f"header {h.name}: {h.value}" if h.type == "Exact" else f"header {h.name} matching {h.value}"
+              for h in match.headers]
+    return "; ".join(parts)
+
+
 def explain(snapshot, request: str, namespace: str = "default") -> list[str]:
-    """Return the explanation of `request` against `snapshot`, one line per item.
+    """Return the explanation of `request` (`METHOD URL [-H NAME:VALUE]...` or
+    `GRPC [NAMESPACE/]SERVICE/grpc.Service/Method [-H NAME:VALUE]...`) against `snapshot`,
+    one line per item; short Service names are looked up in `namespace`.
 
     Raises ExplainError for a malformed request.
     """
-    method, host, target, headers = parse_request(request)
-    lines = [f"request: {method} http://{host}{target}"
-             + "".join(f"  -H {k}:{v}" for k, v in headers.items())]
+    words = request.split(None, 1)
+    if words and words[0].upper() == "GRPC":
+        host, grpc_service, grpc_method, headers = parse_grpc_call(request)
+        method, target = "POST", f"/{grpc_service}/{grpc_method}"
+        lines = [f"request: gRPC {grpc_service}/{grpc_method} to {host}: POST http://{host}{target}"
+                 + "".join(f"  -H {k}:{v}" for k, v in headers.items())]
+    else:
+        method, host, target, headers = parse_request(request)
+        lines = [f"request: {method} http://{host}{target}"
+                 + "".join(f"  -H {k}:{v}" for k, v in headers.items())]
     service = snapshot.resolve_authority(host, namespace)
     if service is None:
         policy = snapshot.outbound_traffic_policy
@@ -93,14 +162,20 @@ def explain(snapshot, request: str, namespace: str = "default") -> list[str]:
                         else "refused with 502 unknown-destination (REGISTRY_ONLY)"))
         return lines
     routes = snapshot.routes_for(service.key)
-    lines.append(f"service: {service.key} ({len(routes)} route(s) attached)")
+    grpc_routes = any(isinstance(r, GRPCRoute) for r in routes)
+    lines.append(f"service: {service.key} ({len(routes)} {'GRPCRoute' if grpc_routes else 'route'}(s) attached)")
+    for ignored in snapshot.ignored_routes_for(service.key):
+        lines.append(f"ignored: {ignored.kind} {ignored.metadata.namespace}/{ignored.metadata.name} "
+                     "(a GRPCRoute is attached to the same Service and takes precedence, GEP-1426)")
     if not routes:
         endpoints = ", ".join(f"{i.name} {i.app_address}" for i in service.instances) or "none"
         lines.append(f"no routes: balanced across the Service's endpoints: {endpoints}")
         return lines
     decision = RouteTable(routes).decide(method, target, headers.get)
     if decision is None:
-        lines.append("matched: no rule -> 404 no-route")
+        # A gRPC caller gets the same answer as a trailers-only response (spec §9).
+        lines.append("matched: no rule -> 404 no-route"
+                     + (" (gRPC: grpc-status 12 UNIMPLEMENTED)" if _is_grpc(headers) else ""))
         return lines
     return lines + describe(decision, snapshot)
 
@@ -111,8 +186,11 @@ def describe(decision: RouteDecision, snapshot) -> list[str]:
     lines = []
     rule = decision.matched
     name = f"{rule.route.metadata.namespace}/{rule.route.metadata.name}"
-    lines.append(f"matched: route {name}, rule {rule.rule.name or rule.index} "
+    kind = "GRPCRoute" if isinstance(rule.route, GRPCRoute) else "route"
+    lines.append(f"matched: {kind} {name}, rule {rule.rule.name or rule.index} "
                  f"(metrics route label {rule.label})")
+    if isinstance(decision.match, GRPCRouteMatch):
+        lines.append(f"match: {_describe_grpc_match(decision.match)}")
     for f in rule.rule.filters:
         lines.append(f"filter: {_describe_filter(f)}")
     if rule.total_weight <= 0:
@@ -129,7 +207,11 @@ def describe(decision: RouteDecision, snapshot) -> list[str]:
         lines.append(f"timeouts: request {_fmt_seconds(timeouts.request)}, "
                      f"backendRequest {_fmt_seconds(timeouts.backend_request)}")
     retry = rule.rule.retry
-    if retry is not None:
+    if retry is not None and isinstance(rule.route, GRPCRoute):
+        lines.append(f"retry: attempts {retry.attempts if retry.attempts is not None else 'policy default'}"
+                     f", backoff {_fmt_seconds(retry.backoff)}, conditions: the Service's TrafficPolicy "
+                     "retry.on")
+    elif retry is not None:
         codes = " ".join(str(c) for c in retry.codes) or "policy default"
         lines.append(f"retry: attempts {retry.attempts if retry.attempts is not None else 'policy default'}"
                      f", codes {codes}, backoff {_fmt_seconds(retry.backoff)}")

@@ -1,8 +1,10 @@
-"""HTTPRoute matching for one Service (Gateway API, GAMMA binding): pure, no I/O.
+"""HTTPRoute and GRPCRoute matching for one Service (Gateway API, GAMMA binding): pure, no I/O.
 
 A RouteTable is built once per configuration snapshot from the routes attached to a Service
 (oldest first). Every (rule, match) pair becomes a candidate, sorted once by the Gateway API's
-precedence, so matching a request is a walk down that list to the first candidate that holds:
+precedence, so matching a request is a walk down that list to the first candidate that holds.
+
+HTTPRoute precedence:
 
 1. an `Exact` path match, then a `PathPrefix` match with more characters, then (an
    implementation choice, documented in docs/routing.md) `RegularExpression` path matches;
@@ -11,6 +13,19 @@ precedence, so matching a request is a walk down that list to the first candidat
 4. more query parameter matches;
 5. the older route (load order: files sorted by path, then document order, then
    namespace/name), then the rule's and the match's order within the route.
+
+GRPCRoute rules are matched in their HTTPRoute form (config/model/grpcroute.py: the path
+`/SERVICE/METHOD` and the header matches), by GRPCRoute precedence:
+
+1. an `Exact` method match, then (an implementation choice, documented in docs/routing.md) a
+   `RegularExpression` one, then a match without a method;
+2. among Exact ones, more characters in the service, then in the method; among regular
+   expressions, one with a service pattern, then one with a method pattern;
+3. more header matches;
+4. the older route, then the rule's and the match's order within the route.
+
+A Service's routes are of one kind (GRPCRoute before HTTPRoute, GEP-1426; given both, the table
+keeps its GRPCRoutes), so the two precedences never meet.
 
 Paths are matched as received (no percent-decoding or dot-segment removal), without the query.
 Of several header (or query parameter) conditions with the same name in one match, only the
@@ -26,18 +41,20 @@ from random import Random
 from typing import Callable, Sequence
 from urllib.parse import parse_qsl
 
+from meshproxy.config.model.grpcroute import GRPCRoute, GRPCRouteMatch, winning_route_kind
 from meshproxy.config.model.route import BackendRef, HTTPRoute, RouteMatch, RouteRule, ValueMatch
 
 HeaderLookup = Callable[[str], "str | None"]  # lower-case name -> value (repeats joined by ", ")
 
 _PATH_RANK = {"Exact": 0, "PathPrefix": 1, "RegularExpression": 2}
+Route = HTTPRoute | GRPCRoute
 
 
 @dataclass(frozen=True)
 class MatchedRule:
     """A rule of a route, ready to use: its metrics label and weighted backends."""
 
-    route: HTTPRoute
+    route: Route
     index: int
     rule: RouteRule
     label: str  # spec §6 `route` label: NAMESPACE/NAME/RULE
@@ -61,13 +78,17 @@ class RouteDecision:
     """What a Service's routes decide for one request before anything is sent: the rule that
     takes it (its metrics label, filters, weighted backends, timeouts and retry) and the
     PathPrefix that matched (a ReplacePrefixMatch rewrite needs it). The data plane acts on
-    it (dataplane/routing.py) and `meshproxy check --explain` prints it (policy/explain.py)."""
+    it (dataplane/routing.py) and `meshproxy check --explain` prints it (policy/explain.py),
+    with `match`: the match of the rule that held, as written (a GRPCRouteMatch for a
+    GRPCRoute)."""
 
-    __slots__ = ("matched", "prefix")
+    __slots__ = ("matched", "prefix", "match")
 
-    def __init__(self, matched: MatchedRule, prefix: str | None) -> None:
+    def __init__(self, matched: MatchedRule, prefix: str | None,
+                 match: RouteMatch | GRPCRouteMatch | None = None) -> None:
         self.matched = matched
         self.prefix = prefix
+        self.match = match
 
     @property
     def label(self) -> str:
@@ -86,10 +107,12 @@ class RouteDecision:
 class _Candidate:
     """One match of one rule, compiled: the checks are ordered cheapest first."""
 
-    __slots__ = ("rule", "method", "path_type", "path", "path_regex", "headers", "query")
+    __slots__ = ("rule", "written", "method", "path_type", "path", "path_regex", "headers", "query")
 
-    def __init__(self, rule: MatchedRule, match: RouteMatch) -> None:
+    def __init__(self, rule: MatchedRule, match: RouteMatch,
+                 written: RouteMatch | GRPCRouteMatch | None = None) -> None:
         self.rule = rule
+        self.written = written if written is not None else match  # as the route has it
         self.method = match.method
         self.path_type = match.path.type
         value = match.path.value
@@ -157,9 +180,23 @@ def _precedence(candidate: _Candidate, route_order: int, rule_index: int, match_
             -len(candidate.query), route_order, rule_index, match_index)
 
 
-def compile_rule(route: HTTPRoute, index: int) -> MatchedRule:
-    """Return rule `index` of `route` with its label and weights worked out."""
-    rule = route.rules[index]
+def _grpc_precedence(candidate: _Candidate, match: GRPCRouteMatch, route_order: int, rule_index: int,
+                     match_index: int):
+    """GRPCRoute precedence (see the module docstring); `candidate` is `match` compiled."""
+    method = match.method
+    if method is None:
+        rank, service, name = 2, 0, 0
+    elif method.type == "Exact":
+        rank, service, name = 0, -len(method.service or ""), -len(method.method or "")
+    else:
+        rank, service, name = 1, -(method.service is not None), -(method.method is not None)
+    return (rank, service, name, -len(candidate.headers), route_order, rule_index, match_index)
+
+
+def compile_rule(route: Route, index: int) -> MatchedRule:
+    """Return rule `index` of `route` with its label and weights worked out (a GRPCRoute's
+    rule in its HTTPRoute form)."""
+    rule = route.route_rules[index]
     cumulative, total = [], 0
     for backend in rule.backend_refs:
         total += max(backend.weight, 0)
@@ -168,18 +205,24 @@ def compile_rule(route: HTTPRoute, index: int) -> MatchedRule:
 
 
 class RouteTable:
-    """The routes attached to one Service, in precedence order."""
+    """The routes attached to one Service, in precedence order. Given GRPCRoutes and
+    HTTPRoutes, only the GRPCRoutes are used (GEP-1426)."""
 
-    def __init__(self, routes: Sequence[HTTPRoute]) -> None:
+    def __init__(self, routes: Sequence[Route]) -> None:
+        routes, _ = winning_route_kind(routes)
         ordered = []
         for route_order, route in enumerate(routes):
             for rule_index in range(len(route.rules)):
                 compiled = compile_rule(route, rule_index)
                 for match_index, match in enumerate(compiled.rule.matches):
-                    candidate = _Candidate(compiled, match)
-                    ordered.append(
-                        (_precedence(candidate, route_order, rule_index, match_index), candidate)
-                    )
+                    if isinstance(route, GRPCRoute):
+                        written = route.rules[rule_index].matches[match_index]
+                        candidate = _Candidate(compiled, match, written)
+                        key = _grpc_precedence(candidate, written, route_order, rule_index, match_index)
+                    else:
+                        candidate = _Candidate(compiled, match)
+                        key = _precedence(candidate, route_order, rule_index, match_index)
+                    ordered.append((key, candidate))
         ordered.sort(key=lambda pair: pair[0])
         self.candidates = tuple(candidate for _, candidate in ordered)
         self.needs_query = any(c.query for c in self.candidates)
@@ -206,7 +249,7 @@ class RouteTable:
         for candidate in self.candidates:
             if candidate.matches(method, path, query, header):
                 prefix = candidate.path if candidate.path_type == "PathPrefix" else None
-                return RouteDecision(candidate.rule, prefix)
+                return RouteDecision(candidate.rule, prefix, candidate.written)
         return None
 
     def shadowed(self) -> list[MatchedRule]:

@@ -142,3 +142,31 @@ def policy(kind: str, name: str, spec: dict, namespace: str = "default", *,
     return {"apiVersion": "meshproxy.io/v1alpha1", "kind": kind,
             "metadata": _meta(name, namespace, rv, generation=1, creationTimestamp=created),
             "spec": spec, "status": {"observedGeneration": 1}}
+
+
+def grpc_route(name: str, parent: str, backends: list[tuple[str, int]], namespace: str = "default", *,
+               service: str = "drone.v1.Tracking", method: str | None = "Watch",
+               created: str = "2024-05-01T10:00:00Z", rv: int = 45) -> dict:
+    """A GRPCRoute bound to Service `parent` (GAMMA) with the defaults the CRD fills in (type
+    Exact, weight 1) and a status a controller wrote."""
+    match: dict[str, Any] = {"type": "Exact", "service": service}
+    if method is not None:
+        match["method"] = method
+    return {
+        "apiVersion": "gateway.networking.k8s.io/v1",
+        "kind": "GRPCRoute",
+        "metadata": _meta(name, namespace, rv, generation=1, creationTimestamp=created),
+        "spec": {
+            "parentRefs": [{"group": "", "kind": "Service", "name": parent, "port": 80}],
+            "rules": [{
+                "matches": [{"method": match}],
+                "backendRefs": [{"group": "", "kind": "Service", "name": b, "port": p, "weight": 1}
+                                for b, p in backends],
+            }],
+        },
+        "status": {"parents": [{"parentRef": {"group": "", "kind": "Service", "name": parent},
+                                "controllerName": "meshproxy.io/control",
+                                "conditions": [{"type": "Accepted", "status": "True", "reason": "Accepted",
+                                                "message": "", "observedGeneration": 1,
+                                                "lastTransitionTime": "2024-05-01T10:00:01Z"}]}]},
+    }

@@ -22,6 +22,14 @@ from meshproxy.config.model.common import (
     service_key,
     split_service_key,
 )
+from meshproxy.config.model.grpcroute import (
+    GRPC_FILTER_TYPES,
+    GRPCMethodMatch,
+    GRPCRoute,
+    GRPCRouteMatch,
+    GRPCRouteRule,
+    METHOD_MATCH_TYPES,
+)
 from meshproxy.config.model.mesh import (
     ALLOW_ANY,
     ControlPlane,
@@ -83,8 +91,8 @@ from meshproxy.config.model.route import (
     ValueMatch,
 )
 
-Resource = Union[Mesh, HTTPRoute, TrafficPolicy, PeerAuthentication, AuthorizationPolicy]
-KINDS: tuple[type, ...] = (Mesh, HTTPRoute, TrafficPolicy, PeerAuthentication, AuthorizationPolicy)
+Resource = Union[Mesh, HTTPRoute, GRPCRoute, TrafficPolicy, PeerAuthentication, AuthorizationPolicy]
+KINDS: tuple[type, ...] = (Mesh, HTTPRoute, GRPCRoute, TrafficPolicy, PeerAuthentication, AuthorizationPolicy)
 
 __all__ = [
     "ALLOW_ANY",
@@ -107,6 +115,11 @@ __all__ = [
     "FILTER_TYPES",
     "Fraction",
     "FrozenMap",
+    "GRPCMethodMatch",
+    "GRPCRoute",
+    "GRPCRouteMatch",
+    "GRPCRouteRule",
+    "GRPC_FILTER_TYPES",
     "GATEWAY_GROUP",
     "HTTPHeader",
     "HTTPRoute",
@@ -119,6 +132,7 @@ __all__ = [
     "LoadBalancer",
     "MAX_HEADER_BYTES",
     "MESHED_IDLE_TIMEOUT",
+    "METHOD_MATCH_TYPES",
     "MTLS_MODES",
     "Mesh",
     "OUTBOUND_TRAFFIC_POLICIES",

@@ -246,6 +246,11 @@ class HTTPRoute:
     rules: tuple[RouteRule, ...] = (RouteRule(),)
     source: Source | None = field(default=None, compare=False)
 
+    @property
+    def route_rules(self) -> tuple[RouteRule, ...]:
+        """The rules as the router compiles them (a GRPCRoute gives its rules translated)."""
+        return self.rules
+
     def rule_label(self, index: int) -> str:
         """The metrics `route` label of rule `index`: `NAMESPACE/NAME/RULE` (spec §6)."""
         rule_name = self.rules[index].name

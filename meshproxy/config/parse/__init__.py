@@ -6,10 +6,19 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from meshproxy.config.diagnostics import Diagnostics, Pos
-from meshproxy.config.model import AuthorizationPolicy, HTTPRoute, Mesh, PeerAuthentication, Resource, TrafficPolicy
+from meshproxy.config.model import (
+    AuthorizationPolicy,
+    GRPCRoute,
+    HTTPRoute,
+    Mesh,
+    PeerAuthentication,
+    Resource,
+    TrafficPolicy,
+)
 from meshproxy.config.model.common import ObjectMeta, Source
 from meshproxy.config.parse.common import parse_metadata
 from meshproxy.config.parse.fields import Obj, Reader
+from meshproxy.config.parse.grpcroute import parse_grpc_route
 from meshproxy.config.parse.mesh import parse_mesh
 from meshproxy.config.parse.policy import parse_authorization_policy, parse_peer_authentication, parse_traffic_policy
 from meshproxy.config.parse.route import parse_http_route
@@ -20,6 +29,8 @@ _Parser = Callable[[Obj, ObjectMeta, Source], Resource]
 KINDS: dict[str, tuple[tuple[str, ...], _Parser]] = {
     "Mesh": ((Mesh.api_version,), parse_mesh),
     "HTTPRoute": ((HTTPRoute.api_version, "gateway.networking.k8s.io/v1beta1"), parse_http_route),
+    # v1alpha2 has the same fields (GRPCRoute became v1 in Gateway API 1.1).
+    "GRPCRoute": ((GRPCRoute.api_version, "gateway.networking.k8s.io/v1alpha2"), parse_grpc_route),
     "TrafficPolicy": ((TrafficPolicy.api_version,), parse_traffic_policy),
     "PeerAuthentication": ((PeerAuthentication.api_version,), parse_peer_authentication),
     "AuthorizationPolicy": ((AuthorizationPolicy.api_version,), parse_authorization_policy),

@@ -46,19 +46,25 @@ _FILTER_FIELDS["URLRewrite"] = "urlRewrite"
 def parse_http_route(spec: Obj, meta: ObjectMeta, source: Source) -> HTTPRoute:
     """Return the HTTPRoute of `spec`; namespaces left out of references are the route's own."""
     ns = meta.namespace
-    parents = tuple(_parent_ref(o, ns) for o in spec.objs("parentRefs"))
+    parents = parse_parent_refs(spec, ns)
     hostnames = spec.strs("hostnames")
     rules = tuple(_rule(o, ns) for o in spec.objs("rules"))
-    if not any(p is not None and p.is_service for p in parents):
-        spec.r.diags.warning(spec.where, "spec.parentRefs: the route names no Service parent, so it is "
-                             "attached to nothing")
     return HTTPRoute(
         metadata=meta,
-        parent_refs=tuple(p for p in parents if p is not None),
+        parent_refs=parents,
         hostnames=hostnames,
         rules=rules if spec.has("rules") else (RouteRule(),),
         source=source,
     )
+
+
+def parse_parent_refs(spec: Obj, ns: str) -> tuple[ParentRef, ...]:
+    """Return a route's `parentRefs` (a warning when none of them is a Service)."""
+    parents = tuple(_parent_ref(o, ns) for o in spec.objs("parentRefs"))
+    if not any(p is not None and p.is_service for p in parents):
+        spec.r.diags.warning(spec.where, "spec.parentRefs: the route names no Service parent, so it is "
+                             "attached to nothing")
+    return tuple(p for p in parents if p is not None)
 
 
 def _parent_ref(o: Obj, ns: str) -> ParentRef | None:
@@ -83,19 +89,9 @@ def _parent_ref(o: Obj, ns: str) -> ParentRef | None:
 def _rule(o: Obj, ns: str) -> RouteRule:
     name = o.string("name")
     matches = tuple(_match(m) for m in o.objs("matches"))
-    filters = _filters(o, ns)
-    backends = tuple(b for b in (_backend_ref(b, ns) for b in o.objs("backendRefs")) if b is not None)
-    if backends and all(b.weight == 0 for b in backends):
-        o.r.error(o.pos("backendRefs"), f"{o.field('backendRefs')}: every weight is 0, so no request "
-                  "can be sent anywhere")
-    timeouts = None
-    if (t := o.obj("timeouts")) is not None:
-        request = t.duration("request") or None
-        backend = t.duration("backendRequest") or None
-        if request is not None and backend is not None and backend > request:
-            t.r.error(t.value_pos("backendRequest"), f"{t.field('backendRequest')}: must not be longer "
-                      "than request")
-        timeouts = RouteTimeouts(request=request, backend_request=backend)
+    filters = parse_filters(o, ns)
+    backends = parse_backend_refs(o, ns)
+    timeouts = parse_timeouts(o)
     retry = None
     if (r := o.obj("retry")) is not None:
         codes = []
@@ -116,20 +112,47 @@ def _rule(o: Obj, ns: str) -> RouteRule:
     )
 
 
+def parse_backend_refs(o: Obj, ns: str, types: tuple[str, ...] = FILTER_TYPES) -> tuple[BackendRef, ...]:
+    """Return a rule's `backendRefs` (their filters of `types`); weights that are all 0 are an error."""
+    backends = tuple(b for b in (_backend_ref(b, ns, types) for b in o.objs("backendRefs")) if b is not None)
+    if backends and all(b.weight == 0 for b in backends):
+        o.r.error(o.pos("backendRefs"), f"{o.field('backendRefs')}: every weight is 0, so no request "
+                  "can be sent anywhere")
+    return backends
+
+
+def parse_timeouts(o: Obj) -> RouteTimeouts | None:
+    """Return a rule's `timeouts` (`0s` is no timeout), or None when absent."""
+    t = o.obj("timeouts")
+    if t is None:
+        return None
+    request = t.duration("request") or None
+    backend = t.duration("backendRequest") or None
+    if request is not None and backend is not None and backend > request:
+        t.r.error(t.value_pos("backendRequest"), f"{t.field('backendRequest')}: must not be longer "
+                  "than request")
+    return RouteTimeouts(request=request, backend_request=backend)
+
+
 def _match(o: Obj) -> RouteMatch:
     path = PathMatch()
     if (p := o.obj("path")) is not None:
         kind = p.string("type", "PathPrefix", choices=PATH_MATCH_TYPES)
         value = p.string("value", "/")
         if kind == "RegularExpression":
-            _check_regex(p, "value", value)
+            check_regex(p, "value", value)
         elif not value.startswith("/"):
             p.r.error(p.value_pos("value"), f"{p.field('value')}: '{value}' must start with '/'")
         path = PathMatch(type=kind, value=value)
-    headers = tuple(v for v in (_value_match(h, header=True) for h in o.objs("headers")) if v is not None)
+    headers = parse_header_matches(o)
     query = tuple(v for v in (_value_match(q, header=False) for q in o.objs("queryParams")) if v is not None)
     method = o.string("method", choices=HTTP_METHODS)
     return RouteMatch(path=path, headers=headers, query_params=query, method=method)
+
+
+def parse_header_matches(o: Obj) -> tuple[ValueMatch, ...]:
+    """Return a match's `headers` conditions (names lowercased)."""
+    return tuple(v for v in (_value_match(h, header=True) for h in o.objs("headers")) if v is not None)
 
 
 def _value_match(o: Obj, header: bool) -> ValueMatch | None:
@@ -137,7 +160,7 @@ def _value_match(o: Obj, header: bool) -> ValueMatch | None:
     name = _header_name(o, "name") if header else o.string("name", required=True)
     value = o.string("value", required=True)
     if kind == "RegularExpression":
-        _check_regex(o, "value", value)
+        check_regex(o, "value", value)
     if name is None or value is None:
         return None
     return ValueMatch(name=name.lower() if header else name, value=value, type=kind)
@@ -151,20 +174,26 @@ def _header_name(o: Obj, key: str, required: bool = True) -> str | None:
     return name
 
 
-def _check_regex(o: Obj, key: str, pattern: str | None) -> None:
+def check_regex(o: Obj, key: str, pattern: str | None) -> bool:
+    """Report `pattern` (the value at `key`) when Python's `re` cannot compile it; return
+    whether it compiles (True for None)."""
     if pattern is None:
-        return
+        return True
     try:
         re.compile(pattern)
     except re.error as exc:
         o.r.error(o.value_pos(key), f"{o.field(key)}: bad regular expression '{pattern}': {exc}")
+        return False
+    return True
 
 
-def _filters(o: Obj, ns: str) -> tuple[RouteFilter, ...]:
+def parse_filters(o: Obj, ns: str, types: tuple[str, ...] = FILTER_TYPES) -> tuple[RouteFilter, ...]:
+    """Return the `filters` at `o`, each of one of `types` (HTTPRoute's by default)."""
     out = []
     for f in o.objs("filters"):
-        kind = f.string("type", required=True, choices=FILTER_TYPES)
-        for ftype, key in _FILTER_FIELDS.items():
+        kind = f.string("type", required=True, choices=types)
+        for ftype in types:
+            key = _FILTER_FIELDS[ftype]
             if ftype != kind:
                 if f.has(key) and kind is not None:
                     f.r.error(f.pos(key), f"{f.field(key)}: does not belong to a filter of type {kind}")
@@ -307,14 +336,14 @@ def _mirror(o: Obj, ns: str) -> RequestMirror | None:
                          percent=percent, fraction=fraction)
 
 
-def _backend_ref(o: Obj, ns: str) -> BackendRef | None:
+def _backend_ref(o: Obj, ns: str, types: tuple[str, ...]) -> BackendRef | None:
     o.string("group", "", choices=("", "core"))
     kind = o.string("kind", "Service", choices=("Service",))
     name = o.string("name", required=True)
     namespace = check_name(o, "namespace", o.string("namespace", ns), label=True) or ns
     port = o.port("port")
     weight = o.integer("weight", 1, lo=0, hi=1_000_000)
-    filters = _filters(o, ns)
+    filters = parse_filters(o, ns, types)
     if name is None:
         return None
     o.r.refs.append((service_key(name, namespace), o.field("name"), port))

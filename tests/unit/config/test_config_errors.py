@@ -79,7 +79,7 @@ def test_unknown_kind(tmp_path: Path) -> None:
     text = ROUTE.replace("kind: HTTPRoute", "kind: HTTPRoutes")
     assert lines(tmp_path, ("c.yaml", text)) == [
         "c.yaml:2:7: kind: unknown kind 'HTTPRoutes' "
-        "(known: Mesh, HTTPRoute, TrafficPolicy, PeerAuthentication, AuthorizationPolicy)"
+        "(known: Mesh, HTTPRoute, GRPCRoute, TrafficPolicy, PeerAuthentication, AuthorizationPolicy)"
     ]
 
 
