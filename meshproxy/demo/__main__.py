@@ -1,8 +1,9 @@
 """`python -m meshproxy.demo ROLE [options]`: run one app of the drone-delivery demo.
 
-ROLE is one of ingestion, scheduler, delivery, drone, package, account, thirdparty. Where to
-listen and how to reach other services come from the environment `meshproxy up` sets (HOST,
-PORT, MESHPROXY_SERVICE, MESHPROXY_INSTANCE, MESHPROXY_OUTBOUND) or from the flags.
+ROLE is one of ingestion, scheduler, delivery, drone, telemetry, package, account, thirdparty.
+Where to listen and how to reach other services come from the environment `meshproxy up` sets
+(HOST, PORT, MESHPROXY_SERVICE, MESHPROXY_INSTANCE, MESHPROXY_OUTBOUND) or from the flags.
+Every role serves HTTP (aiohttp) on PORT except `telemetry`, which serves gRPC there.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ ROLES = {
     "scheduler": "runs each delivery's steps; compensates failures",
     "delivery": "delivery status and drone location events",
     "drone": "the fleet: assigns drones, flies them, reports locations",
+    "telemetry": "where the drones are, over gRPC (drone.v1.Telemetry)",
     "package": "packages (optionally flaky: --failure-rate)",
     "account": "customer accounts (some suspended)",
     "thirdparty": "an outside courier (not meshed)",
@@ -65,8 +67,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     settings = Settings(role=args.role, host=args.host, port=args.port, service=args.service,
                         instance=args.instance or args.service, outbound=args.outbound,
                         upstreams=dict(args.upstream), timeout=args.timeout)
-    app = importlib.import_module(f"meshproxy.demo.{args.role}").build_app(settings, args)
-    serve(app, settings)
+    module = importlib.import_module(f"meshproxy.demo.{args.role}")
+    if hasattr(module, "run"):  # a role that is not an aiohttp app (gRPC) runs itself
+        module.run(settings, args)
+        return 0
+    serve(module.build_app(settings, args), settings)
     return 0
 
 

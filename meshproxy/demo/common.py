@@ -3,8 +3,9 @@ calls to other services through the sidecar that pass on the request id and trac
 
 A meshed app never learns where other services run: it sends `http://SERVICE/PATH` to its
 sidecar's outbound address (MESHPROXY_OUTBOUND, set by `meshproxy up`) as a forward proxy,
-and the sidecar balances, retries and routes. Without a sidecar, `--upstream NAME=HOST:PORT`
-points a service name straight at an app.
+and the sidecar balances, retries and routes. gRPC calls (`ServiceClient.rpc`) go to the same
+port with the Service as their authority (meshproxy/demo/rpc.py). Without a sidecar,
+`--upstream NAME=HOST:PORT` points a service name straight at an app.
 """
 
 from __future__ import annotations
@@ -106,12 +107,17 @@ async def json_body(request: web.Request) -> dict:
 
 @dataclass(frozen=True)
 class Reply:
-    """The answer to one call: status 0 when none came (connect failure, reset, timeout)."""
+    """The answer to one call: status 0 when none came (connect failure, reset, timeout).
+
+    A gRPC call's Reply has its status's name in `grpc_code` and its HTTP equivalent in
+    `status` (200 for OK, 503 for UNAVAILABLE, ...), so both kinds of call are judged alike.
+    """
 
     status: int
     body: Any = None
     headers: Mapping[str, str] = field(default_factory=dict)
     error: str = ""
+    grpc_code: str = ""
 
     @property
     def ok(self) -> bool:
@@ -127,20 +133,23 @@ class Reply:
         """A short reason for logs and failure records, e.g. `503 (proxy: overloaded)`."""
         if self.status == 0:
             return f"no answer ({self.error})"
+        status = f"{self.status} {self.grpc_code}" if self.grpc_code else str(self.status)
         reason = self.headers.get("x-meshproxy-error")
         if reason:
-            return f"{self.status} (proxy: {reason})"
+            return f"{status} (proxy: {reason})"
         if isinstance(self.body, dict) and self.body.get("error"):
-            return f"{self.status} ({self.body['error']})"
-        return str(self.status)
+            return f"{status} ({self.body['error']})"
+        return status
 
 
 class ServiceClient:
-    """Calls other services by name, through the sidecar (or a `--upstream` override)."""
+    """Calls other services by name, over HTTP or gRPC, through the sidecar (or a `--upstream`
+    override)."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self._session: aiohttp.ClientSession | None = None
+        self._grpc: Any = None  # meshproxy.demo.rpc.GrpcCaller, made on the first gRPC call
 
     async def start(self) -> None:
         """Open the connection pool (inside the running loop)."""
@@ -150,9 +159,25 @@ class ServiceClient:
         )
 
     async def close(self) -> None:
-        """Close the connection pool."""
+        """Close the connection pool and the gRPC channels."""
         if self._session is not None:
             await self._session.close()
+        if self._grpc is not None:
+            await self._grpc.close()
+
+    def grpc(self) -> Any:
+        """Return the gRPC caller (meshproxy.demo.rpc.GrpcCaller): one channel per Service."""
+        if self._grpc is None:
+            from meshproxy.demo.rpc import GrpcCaller  # grpcio loads in the apps that call
+
+            self._grpc = GrpcCaller(self.settings)
+        return self._grpc
+
+    async def rpc(self, service: str, method: str, message: Any, *, headers: Mapping[str, str],
+                  timeout: float | None = None) -> Reply:
+        """Make the unary gRPC call `method` (`/package.Service/Method`) of `service` with a
+        JSON message; return its Reply (never raises for a status or a network error)."""
+        return await self.grpc().call(service, method, message, headers=headers, timeout=timeout)
 
     async def call(self, method: str, service: str, path: str, *, headers: Mapping[str, str],
                    json_body: Any = None, extra_headers: Mapping[str, str] | None = None) -> Reply:

@@ -10,6 +10,11 @@
     GET  /api/drones/{id}, GET /api/drones
 
 Location events carry the request id and trace headers of the dispatch that started the flight.
+
+Every drone also reports its telemetry (state, delivery, position, battery) when it is
+assigned, takes off, reaches each position and lands. The reports go to the store that the
+`drone-telemetry` Service (meshproxy/demo/telemetry.py) serves over gRPC, as a real drone's
+would reach an IoT hub: the scheduler asks it where a drone is before dispatching it.
 """
 
 from __future__ import annotations
@@ -17,13 +22,20 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import sqlite3
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from aiohttp import web
 
-from meshproxy.demo.common import CLIENT, Settings, base_app, error, json_body, propagated
+from meshproxy.demo.common import CLIENT, SETTINGS, Settings, base_app, error, json_body, propagated
+from meshproxy.demo.store import Store
+from meshproxy.demo.telemetry import record_report, store_path
 
 log = logging.getLogger("meshproxy.demo")
+# The fleet's pads, where drones wait before their first job: a grid in Seattle.
+BASE = (47.60, -122.34)
+BATTERY_PER_EVENT = 2.0  # percent used between two position reports; swapped on landing
 
 
 @dataclass
@@ -37,10 +49,18 @@ class Drone:
     dropoff: dict = field(default_factory=dict)
     flight: asyncio.Task | None = None
     flights: int = 0
+    lat: float = BASE[0]
+    lon: float = BASE[1]
+    battery: float = 100.0
 
     def view(self) -> dict:
         return {"droneId": self.drone_id, "state": self.state, "deliveryId": self.delivery_id,
                 "flights": self.flights}
+
+    def report(self) -> dict:
+        """The drone's telemetry report (meshproxy.demo.telemetry.FIELDS)."""
+        return {"droneId": self.drone_id, "state": self.state, "deliveryId": self.delivery_id,
+                "lat": self.lat, "lon": self.lon, "battery": self.battery}
 
 
 @dataclass
@@ -49,15 +69,17 @@ class Fleet:
     events: int
     interval: float
     by_delivery: dict[str, Drone] = field(default_factory=dict)
+    reporter: Callable[[Drone], None] = lambda drone: None  # sends a drone's telemetry
 
     def free(self, drone: Drone) -> None:
-        """Land `drone` and make it available."""
+        """Land `drone` and make it available (with a fresh battery)."""
         if drone.flight is not None and drone.flight is not asyncio.current_task():
             drone.flight.cancel()
         drone.flight = None
         if drone.delivery_id is not None and self.by_delivery.get(drone.delivery_id) is drone:
             del self.by_delivery[drone.delivery_id]
-        drone.state, drone.delivery_id = "idle", None
+        drone.state, drone.delivery_id, drone.battery = "idle", None, 100.0
+        self.reporter(drone)
 
 
 FLEET = web.AppKey("fleet", Fleet)
@@ -69,6 +91,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="location events per flight, the last one 'arrived' (default 4)")
     parser.add_argument("--interval", type=float, default=0.5,
                         help="seconds between location events (default 0.5)")
+    parser.add_argument("--telemetry-store", default=None,
+                        help="SQLite file of the drones' telemetry, shared with `telemetry` "
+                             "(default: telemetry.sqlite in the demo's data folder)")
 
 
 def _point(value: object) -> dict:
@@ -94,6 +119,7 @@ async def assign(request: web.Request) -> web.Response:
         drone.state, drone.delivery_id = "assigned", delivery_id
         drone.pickup, drone.dropoff = _point(body.get("pickupLocation")), _point(body.get("dropoffLocation"))
         fleet.by_delivery[delivery_id] = drone
+        fleet.reporter(drone)
     return web.json_response(drone.view())
 
 
@@ -113,6 +139,8 @@ async def dispatch(request: web.Request) -> web.Response:
     if drone.state == "assigned":
         drone.state = "flying"
         drone.flights += 1
+        drone.lat, drone.lon = drone.pickup["lat"], drone.pickup["lon"]
+        fleet.reporter(drone)
         drone.flight = asyncio.ensure_future(
             _fly(request.app, fleet, drone, drone.delivery_id, propagated(request)))
     return web.json_response(drone.view(), status=202)
@@ -140,6 +168,9 @@ async def _fly(app: web.Application, fleet: Fleet, drone: Drone, delivery_id: st
                      "event": "arrived" if seq == fleet.events else "position",
                      "lat": round(start["lat"] + (end["lat"] - start["lat"]) * share, 6),
                      "lon": round(start["lon"] + (end["lon"] - start["lon"]) * share, 6)}
+            drone.lat, drone.lon = event["lat"], event["lon"]
+            drone.battery = max(0.0, drone.battery - BATTERY_PER_EVENT)
+            fleet.reporter(drone)
             reply = await client.call("POST", "delivery", f"/api/deliveries/{delivery_id}/location",
                                       headers=headers, json_body=event)
             if reply.status == 409:  # cancelled meanwhile: turn back
@@ -168,8 +199,30 @@ def build_app(settings: Settings, args: argparse.Namespace) -> web.Application:
     if args.fleet < 1 or args.events < 1 or args.interval < 0:
         raise SystemExit("--fleet and --events must be at least 1, --interval not negative")
     app = base_app(settings)
-    app[FLEET] = Fleet({f"drone-{i:03d}": Drone(f"drone-{i:03d}") for i in range(1, args.fleet + 1)},
-                       events=args.events, interval=args.interval)
+    drones = {}
+    for i in range(1, args.fleet + 1):  # each on its own pad of a 10-wide grid
+        drones[f"drone-{i:03d}"] = Drone(f"drone-{i:03d}", lat=round(BASE[0] + (i - 1) // 10 * 0.002, 6),
+                                         lon=round(BASE[1] + (i - 1) % 10 * 0.002, 6))
+    app[FLEET] = Fleet(drones, events=args.events, interval=args.interval)
+
+    async def telemetry_ctx(app: web.Application):
+        store = Store(store_path(args.telemetry_store))
+        instance = app[SETTINGS].instance
+
+        def report(drone: Drone) -> None:
+            try:
+                record_report(store, drone.report(), instance)
+            except sqlite3.Error as exc:  # telemetry is best effort: the flight goes on
+                log.warning("drone %s: telemetry report not stored: %s", drone.drone_id, exc)
+
+        app[FLEET].reporter = report
+        for drone in app[FLEET].drones.values():  # on its pad, whatever an earlier run left
+            report(drone)
+        yield
+        app[FLEET].reporter = lambda drone: None
+        store.close()
+
+    app.cleanup_ctx.append(telemetry_ctx)
 
     async def land_all(app: web.Application) -> None:
         flights = [d.flight for d in app[FLEET].drones.values() if d.flight is not None]

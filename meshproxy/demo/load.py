@@ -4,7 +4,8 @@ A mix of what customers do: schedule deliveries (a few for suspended accounts, s
 third-party pickup), poll their status, change some and cancel a few, at `--rate` requests per
 second from `--concurrency` clients, with a one-line progress display and a summary at the end
 (per operation, status codes, latency, the deliveries' last states, and which `delivery`
-version answered the status polls).
+version answered the status polls). Every delivery it creates sets off the whole call chain
+behind ingestion, the scheduler's gRPC call to `drone-telemetry` included.
 
 Exit status: 0 when at least half of the requests got the answer expected of them, else 1
 (also when ingestion cannot be reached at all).

@@ -9,10 +9,13 @@
     GET    /stats
 
 The steps, each a synchronous call through the sidecar: `account` (is the owner active?) and
-`package` (create it) at the same time, then `drone` (assign one), `thirdparty` (book an outside
-pickup, when asked), `delivery` (create the record) and `dispatch` (the drone takes off).
+`package` (create it) at the same time, then `drone` (assign one), `preflight` (a gRPC call,
+`drone.v1.Telemetry/Position` on `drone-telemetry`: the drone must report that it is assigned
+to this delivery, with battery enough), `thirdparty` (book an outside pickup, when asked),
+`delivery` (create the record) and `dispatch` (the drone takes off).
 
-A transient failure (no answer, 429, 5xx) is tried again `--retries` times with jittered
+A transient failure (no answer, 429, 5xx, or a gRPC status whose HTTP equivalent is one of
+those, such as UNAVAILABLE or DEADLINE_EXCEEDED) is tried again `--retries` times with jittered
 backoff on top of the sidecar's own retries. A non-transient one (any other 4xx, e.g. a
 suspended account's 403) or a transient one that outlasts the retries fails the workflow, and
 the steps already done are compensated: the pickup cancelled, the drone released, the package
@@ -34,9 +37,12 @@ from aiohttp import web
 from meshproxy.demo.common import (
     CLIENT, ID_RE, Reply, ServiceClient, Settings, base_app, error, json_body, propagated,
 )
+from meshproxy.demo.telemetry import MESH_SERVICE as TELEMETRY, POSITION
 
 log = logging.getLogger("meshproxy.demo")
-STEPS = ("account", "package", "drone", "thirdparty", "delivery", "dispatch")
+STEPS = ("account", "package", "drone", "preflight", "thirdparty", "delivery", "dispatch")
+MIN_BATTERY = 20.0  # percent a drone needs to take a delivery
+PREFLIGHT_DEADLINE = 2.0  # seconds: the preflight call's gRPC deadline (`grpc-timeout`)
 KEEP_WORKFLOWS = 10_000
 KEEP_COMPENSATIONS = 1_000
 
@@ -54,6 +60,7 @@ class Workflow:
     package_id: str | None = None
     drone_id: str | None = None
     pickup_id: str | None = None
+    drone_telemetry: dict | None = None  # the preflight's answer: where the drone was, who said
     record_created: bool = False
     cancel_requested: bool = False
     non_transient: bool = False  # how it failed: refused (4xx) rather than unavailable
@@ -62,7 +69,7 @@ class Workflow:
     def view(self) -> dict:
         return {"deliveryId": self.delivery_id, "status": self.status, "steps": dict(self.steps),
                 "reason": self.reason, "packageId": self.package_id, "droneId": self.drone_id,
-                "pickupId": self.pickup_id}
+                "pickupId": self.pickup_id, "droneTelemetry": self.drone_telemetry}
 
 
 class StepFailed(Exception):
@@ -86,26 +93,41 @@ class Scheduler:
         while len(self.workflows) > KEEP_WORKFLOWS:
             self.workflows.popitem(last=False)
 
-    async def call(self, wf: Workflow, method: str, service: str, path: str, body=None,
-                   extra_headers=None) -> Reply:
-        """Call, trying a transient failure again up to `retries` times; return the last Reply."""
+    async def _retrying(self, attempt_once) -> Reply:
+        """Await `attempt_once()`, trying a transient failure again up to `retries` times;
+        return the last Reply."""
         for attempt in range(self.retries + 1):
-            reply = await self.client.call(method, service, path, headers=wf.headers,
-                                           json_body=body, extra_headers=extra_headers)
+            reply = await attempt_once()
             if reply.ok or not reply.transient or attempt == self.retries:
                 return reply
             # Full jitter, so that callers that failed together do not return together.
             await asyncio.sleep(self.rng.uniform(0, self.backoff * 2 ** attempt))
         raise AssertionError("unreachable")
 
-    async def step(self, wf: Workflow, name: str, method: str, service: str, path: str,
-                   body=None, extra_headers=None) -> Reply:
-        reply = await self.call(wf, method, service, path, body, extra_headers)
+    async def call(self, wf: Workflow, method: str, service: str, path: str, body=None,
+                   extra_headers=None) -> Reply:
+        """Call over HTTP, trying a transient failure again; return the last Reply."""
+        return await self._retrying(lambda: self.client.call(
+            method, service, path, headers=wf.headers, json_body=body, extra_headers=extra_headers))
+
+    async def rpc(self, wf: Workflow, service: str, method: str, message: dict,
+                  deadline: float | None = None) -> Reply:
+        """Make a unary gRPC call (each try with `deadline` seconds, else the client's
+        timeout), trying a transient failure again; return the last Reply."""
+        return await self._retrying(lambda: self.client.rpc(
+            service, method, message, headers=wf.headers, timeout=deadline))
+
+    @staticmethod
+    def _outcome(wf: Workflow, name: str, reply: Reply) -> Reply:
         if not reply.ok:
             wf.steps[name] = f"failed: {reply.describe()}"
             raise StepFailed(name, reply)
         wf.steps[name] = "ok"
         return reply
+
+    async def step(self, wf: Workflow, name: str, method: str, service: str, path: str,
+                   body=None, extra_headers=None) -> Reply:
+        return self._outcome(wf, name, await self.call(wf, method, service, path, body, extra_headers))
 
     # the workflow ----------------------------------------------------------------------------
 
@@ -121,6 +143,7 @@ class Scheduler:
                 "deliveryId": wf.delivery_id, "pickupLocation": r.get("pickupLocation"),
                 "dropoffLocation": r.get("dropoffLocation")})
             wf.drone_id = reply.body["droneId"]
+            await self._preflight(wf)
             if r.get("thirdPartyPickup"):
                 reply = await self.step(wf, "thirdparty", "POST", "thirdparty", "/api/pickups", {
                     "deliveryId": wf.delivery_id, "pickupLocation": r.get("pickupLocation")})
@@ -154,6 +177,22 @@ class Scheduler:
         if not isinstance(reply.body, dict) or reply.body.get("status") != "active":
             wf.steps["account"] = "failed: account is not active"
             raise StepFailed("account", Reply(422, {"error": "account is not active"}))
+
+    async def _preflight(self, wf: Workflow) -> None:
+        """Ask `drone-telemetry`, over gRPC, where the assigned drone is: it must report this
+        delivery and battery enough (a refusal is non-transient: 422)."""
+        reply = self._outcome(wf, "preflight", await self.rpc(
+            wf, TELEMETRY, POSITION, {"droneId": wf.drone_id}, deadline=PREFLIGHT_DEADLINE))
+        report = reply.body if isinstance(reply.body, dict) else {}
+        problem = None
+        if report.get("deliveryId") != wf.delivery_id:
+            problem = f"drone {wf.drone_id} reports delivery {report.get('deliveryId')}"
+        elif not isinstance(report.get("battery"), (int, float)) or report["battery"] < MIN_BATTERY:
+            problem = f"drone {wf.drone_id} reports battery {report.get('battery')}"
+        if problem:
+            wf.steps["preflight"] = f"failed: {problem}"
+            raise StepFailed("preflight", Reply(422, {"error": problem}))
+        wf.drone_telemetry = {k: report.get(k) for k in ("lat", "lon", "battery", "servedBy")}
 
     async def _package(self, wf: Workflow) -> None:
         package_id = f"pkg-{wf.delivery_id}"

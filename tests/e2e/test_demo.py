@@ -1,5 +1,6 @@
 """The README's first command: `meshproxy up` with no argument runs the drone-delivery demo.
-Then `meshproxy demo load` drives it and `meshproxy stat` shows the split and the retries."""
+Then `meshproxy demo load` drives it and `meshproxy stat` shows the split and the retries, over
+HTTP and over gRPC (the scheduler's preflight calls to `drone-telemetry`)."""
 
 from __future__ import annotations
 
@@ -36,7 +37,7 @@ def test_the_demo_runs_end_to_end(tmp_path: Path) -> None:
     try:
         assert out.wait_for("mesh ready", 60), "\n".join(out.lines)
         pids = [int(line.split()[0]) for line in (state / "pids").read_text().splitlines()]
-        assert len(pids) == 20  # control plane, 9 sidecars, 10 apps (thirdparty has no sidecar)
+        assert len(pids) == 26  # control plane, 12 sidecars, 13 apps (thirdparty has no sidecar)
         assert "edge  ingestion.default: http://127.0.0.1:18000/" in out.lines
         control = re.search(r"control plane (http://\S+)/config;", "\n".join(out.lines)).group(1)
 
@@ -46,16 +47,20 @@ def test_the_demo_runs_end_to_end(tmp_path: Path) -> None:
         assert versions and int(versions[1]) > int(versions[2]) > 0, load.stdout  # the 80/20 split
 
         inbound = _stat(control, "inbound")
-        for service in ("ingestion", "scheduler", "account", "package", "drone", "delivery-v1",
-                        "delivery-v2"):
+        for service in ("ingestion", "scheduler", "account", "package", "drone", "drone-telemetry",
+                        "delivery-v1", "delivery-v2"):
             assert inbound[f"{service}.default"]["requests"] > 0, (service, inbound)
         assert inbound["package.default"]["instances"] == 2
+        assert inbound["drone-telemetry.default"]["instances"] == 3
         outbound = _stat(control, "outbound")
         # package-1 fails some calls (its sidecar counts them inbound); the callers' sidecars
         # retried them on the other instance, so what the scheduler saw succeeded.
         assert inbound["package.default"]["success_rate"] < 1.0
         assert outbound["package.default"]["success_rate"] > inbound["package.default"]["success_rate"]
         assert outbound["package.default"]["success_rate"] >= 0.99
+        # The same over gRPC: drone-telemetry-2's UNAVAILABLE answers are retried on another
+        # instance by the scheduler's sidecar.
+        assert outbound["drone-telemetry.default"]["success_rate"] >= 0.99
         # mTLS and authorization: only the scheduler may call `account`.
         ingestion = next(line for line in out.lines if line.startswith("ingestion.default "))
         ingestion_outbound = ingestion.split()[3]

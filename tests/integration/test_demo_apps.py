@@ -1,16 +1,20 @@
 """The drone-delivery demo run for real: `meshproxy up` on config/demo/mesh.yaml (moved to free
-ports), requests through ingestion, and what every service and sidecar then shows."""
+ports), requests through ingestion, and what every service and sidecar then shows, including
+the gRPC hop: the scheduler's preflight call to `drone-telemetry` (drone.v1.Telemetry)."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import signal
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
+import grpc
 import pytest
 import requests
 import yaml
@@ -18,6 +22,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from support.output import Lines
 from support.proxy import free_ports, wait_for
+
+from meshproxy.demo.rpc import decode, encode
+from meshproxy.demo.telemetry import POSITION
 
 REPO = Path(__file__).resolve().parents[2]
 DEMO = REPO / "config" / "demo"
@@ -66,9 +73,18 @@ class Demo:
         path = self.state / "logs" / f"{instance}_app.log"
         return path.read_text() if path.exists() else ""
 
+    def _table_row(self, instance: str) -> str:
+        return next(line for line in self.out.lines if re.match(rf"\S+\s+{instance}\s", line))
+
+    def outbound(self, instance: str) -> str:
+        """The `host:port` of the instance's sidecar's outbound listener (from `up`'s table)."""
+        return self._table_row(instance).split()[3]
+
+    def control(self) -> str:
+        return re.search(r"control plane (http://\S+)/config;", "\n".join(self.out.lines)).group(1)
+
     def sidecar_metric(self, instance: str, name: str, **labels: str) -> float:
-        line = next(line for line in self.out.lines if re.match(rf"\S+\s+{instance}\s", line))
-        admin = re.findall(r"http://127\.0\.0\.1:\d+/", line)[-1]
+        admin = re.findall(r"http://127\.0\.0\.1:\d+/", self._table_row(instance))[-1]
         text = self.http.get(admin + "metrics", timeout=5).text
         return sum(s.value for f in text_string_to_metric_families(text) for s in f.samples
                    if s.name == name and labels.items() <= s.labels.items())
@@ -118,10 +134,13 @@ def test_a_delivery_goes_through_every_service_and_is_flown(demo: Demo) -> None:
     assert demo.settled(delivery_id)["status"] in ("scheduled", "in-transit", "delivered")
     workflow = demo.get("scheduler-0", f"/api/deliveryrequests/{delivery_id}")
     assert workflow["status"] == "scheduled"
-    assert workflow["steps"] == {"account": "ok", "package": "ok", "drone": "ok", "thirdparty": "ok",
-                                 "delivery": "ok", "dispatch": "ok"}
-    assert re.search(rf"delivery {delivery_id}: account=ok package=ok drone=ok thirdparty=ok "
+    assert workflow["steps"] == {"account": "ok", "package": "ok", "drone": "ok", "preflight": "ok",
+                                 "thirdparty": "ok", "delivery": "ok", "dispatch": "ok"}
+    assert re.search(rf"delivery {delivery_id}: account=ok package=ok drone=ok preflight=ok thirdparty=ok "
                      r"delivery=ok dispatch=ok -> scheduled", demo.log("scheduler-0"))
+    # The preflight's gRPC answer: the assigned drone, from one of the telemetry instances.
+    assert workflow["droneTelemetry"]["servedBy"].startswith("drone-telemetry-")
+    assert workflow["droneTelemetry"]["battery"] == 100.0
     # The drone's location events reach `delivery`; the last one lands it.
     final = wait_for(lambda: (b := demo.status(delivery_id).json())["status"] == "delivered" and b,
                      timeout=15, interval=0.1, what="the drone to arrive")
@@ -138,6 +157,7 @@ def test_a_delivery_goes_through_every_service_and_is_flown(demo: Demo) -> None:
         return (all(g in reached for g in groups)
                 and any(n.startswith("package-") for n in reached)
                 and any(n.startswith("delivery-") for n in reached)
+                and any(n.startswith("drone-telemetry-") for n in reached)  # over gRPC
                 and sum(logs[n].count("/location 200") for n in logs if n.startswith("delivery-")) >= 4)
     wait_for(seen_everywhere, timeout=5, what="the request id and trace id in every app's log")
 
@@ -171,6 +191,53 @@ def test_the_flaky_package_instance_is_absorbed_by_retries(demo: Demo) -> None:
     for delivery_id in ids:
         steps = demo.get("scheduler-0", f"/api/deliveryrequests/{delivery_id}")["steps"]
         assert steps["package"] == "ok"
+
+
+def _telemetry_channel(address: str, authority: str | None = None) -> grpc.Channel:
+    options = [("grpc.enable_http_proxy", 0)]
+    if authority:
+        options.append(("grpc.default_authority", authority))
+    return grpc.insecure_channel(address, options=options)
+
+
+def test_the_grpc_hop_is_balanced_retried_and_counted(demo: Demo) -> None:
+    ids = [demo.create(owner=f"acct-{n:04d}") for n in range(2001, 2013)]
+    outcomes = [demo.settled(i) for i in ids]
+    assert [o.get("reason") for o in outcomes if o["status"] == "failed"] == []
+    workflows = [demo.get("scheduler-0", f"/api/deliveryrequests/{i}") for i in ids]
+    assert all(w["steps"]["preflight"] == "ok" for w in workflows)
+    drone_id = workflows[-1]["droneId"]
+    # The same call as the scheduler's, made at its sidecar's outbound port: each call is
+    # balanced on its own over the three instances, and drone-telemetry-2's UNAVAILABLE
+    # answers are retried on another, so the caller sees none.
+    served: Counter[str] = Counter()
+    with _telemetry_channel(demo.outbound("scheduler-0"), authority="drone-telemetry") as ch:
+        position = ch.unary_unary(POSITION, request_serializer=encode, response_deserializer=decode)
+        for _ in range(90):
+            served[position({"droneId": drone_id}, timeout=5)["servedBy"]] += 1
+    assert set(served) == {"drone-telemetry-0", "drone-telemetry-1", "drone-telemetry-2"}, served
+    assert "gRPC /drone.v1.Telemetry/Position UNAVAILABLE" in demo.log("drone-telemetry-2")
+    # Timed: the scheduler allows 2 s, the Service's policy 1 s; the app sees what is left of
+    # the smaller, as `grpc-timeout` from the sidecar.
+    deadlines = [float(d) for d in re.findall(r"Position OK .* deadline=([\d.]+)s", demo.log("drone-telemetry-0"))]
+    assert deadlines and all(0 < d <= 1.0 for d in deadlines), deadlines
+    assert demo.sidecar_metric("scheduler-0", "meshproxy_retries_total", service="drone-telemetry.default",
+                               reason="unavailable") > 0
+    assert demo.sidecar_metric("scheduler-0", "meshproxy_requests_total", direction="outbound",
+                               service="drone-telemetry.default") >= 90 + len(ids)
+    # App to app, without a sidecar: a telemetry instance answers directly too.
+    direct = demo.apps["drone-telemetry-0"].removeprefix("http://")
+    with _telemetry_channel(direct) as ch:
+        position = ch.unary_unary(POSITION, request_serializer=encode, response_deserializer=decode)
+        assert position({"droneId": drone_id}, timeout=5)["servedBy"] == "drone-telemetry-0"
+    # `meshproxy stat` shows the gRPC Service with its three instances.
+    proc = subprocess.run([sys.executable, "-m", "meshproxy", "stat", "--control", demo.control(),
+                           "--window", "0", "--direction", "inbound", "-o", "json"],
+                          capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = {row["service"]: row for row in json.loads(proc.stdout)}
+    assert rows["drone-telemetry.default"]["instances"] == 3
+    assert rows["drone-telemetry.default"]["requests"] >= 90
 
 
 def test_a_suspended_account_is_refused_and_compensated(demo: Demo) -> None:

@@ -1,5 +1,6 @@
 """The demo apps' decisions without sockets: the scheduler's retries and compensations, the
-shared store, the injected failures, request checks, and what `meshproxy demo load` reads."""
+shared store, the injected failures, request checks, the drone telemetry that the gRPC Service
+serves, and what `meshproxy demo load` reads."""
 
 from __future__ import annotations
 
@@ -23,16 +24,28 @@ POINT = {"lat": 1.0, "lon": 2.0}
 
 
 class ScriptedClient:
-    """Answers calls from a script: (method, service) -> list of Replies, the last one repeated."""
+    """Answers calls from a script: (method, service) -> list of Replies, the last one repeated.
+    gRPC calls are scripted and recorded with the method "RPC" and their method path."""
 
     def __init__(self, script: dict[tuple[str, str], list[Reply]]) -> None:
         self.script = script
         self.calls: list[tuple[str, str, str, dict]] = []
+        self.rpc_messages: list[tuple[dict, float | None]] = []
 
     async def call(self, method, service, path, *, headers, json_body=None, extra_headers=None) -> Reply:
         self.calls.append((method, service, path, dict(headers)))
         answers = self.script.get((method, service), [Reply(200, {})])
         return answers.pop(0) if len(answers) > 1 else answers[0]
+
+    async def rpc(self, service, method, message, *, headers, timeout=None) -> Reply:
+        self.rpc_messages.append((message, timeout))
+        return await self.call("RPC", service, method, headers=headers)
+
+
+TELEMETRY_OK = Reply(200, {"droneId": "drone-007", "state": "assigned", "deliveryId": "d-1", "lat": 47.6,
+                           "lon": -122.34, "battery": 100.0, "servedBy": "drone-telemetry-1"}, grpc_code="OK")
+UNAVAILABLE = Reply(503, {"error": "telemetry unavailable"}, error="UNAVAILABLE: telemetry unavailable",
+                    grpc_code="UNAVAILABLE")
 
 
 def _ok_script(changes: dict | None = None) -> dict:
@@ -40,6 +53,7 @@ def _ok_script(changes: dict | None = None) -> dict:
         ("GET", "account"): [Reply(200, {"status": "active"})],
         ("PUT", "package"): [Reply(201, {})],
         ("POST", "drone"): [Reply(200, {"droneId": "drone-007"})],
+        ("RPC", "drone-telemetry"): [TELEMETRY_OK],
         ("POST", "thirdparty"): [Reply(201, {"pickupId": "tp-1"})],
         ("PUT", "delivery"): [Reply(201, {})],
     }
@@ -64,11 +78,19 @@ async def _schedule(script: dict, retries: int = 2, **request) -> tuple[Schedule
 async def test_every_step_runs_and_passes_on_the_request_headers() -> None:
     scheduler, wf, client = await _schedule(_ok_script(), thirdPartyPickup=True)
     assert wf.status == "scheduled"
-    assert wf.steps == dict.fromkeys(("account", "package", "drone", "thirdparty", "delivery", "dispatch"), "ok")
-    assert {c[1] for c in client.calls} == {"account", "package", "drone", "thirdparty", "delivery"}
+    assert wf.steps == dict.fromkeys(
+        ("account", "package", "drone", "preflight", "thirdparty", "delivery", "dispatch"), "ok")
+    assert {c[1] for c in client.calls} == {"account", "package", "drone", "drone-telemetry", "thirdparty",
+                                            "delivery"}
     assert all(c[3]["x-request-id"] == "rid-1" and c[3]["traceparent"].startswith("00-aaa") for c in client.calls)
     assert ("POST", "drone", "/api/drones/drone-007/dispatch") in [c[:3] for c in client.calls]
     assert not scheduler.compensations and scheduler.outcomes["scheduled"] == 1
+    # The preflight: one gRPC call, after the drone is assigned and before it is dispatched.
+    methods = [c[2] for c in client.calls]
+    assert methods.index("/drone.v1.Telemetry/Position") == methods.index("/api/drones/assign") + 1
+    assert client.rpc_messages == [({"droneId": "drone-007"}, 2.0)]
+    assert wf.view()["droneTelemetry"] == {"lat": 47.6, "lon": -122.34, "battery": 100.0,
+                                           "servedBy": "drone-telemetry-1"}
 
 
 async def test_without_a_third_party_pickup_that_step_is_skipped() -> None:
@@ -124,11 +146,41 @@ async def test_a_cancel_while_scheduling_is_carried_out_afterwards() -> None:
     assert ("POST", "drone", "/api/drones/drone-007/release") in [c[:3] for c in client.calls]
 
 
+async def test_an_unavailable_preflight_is_tried_again() -> None:
+    script = _ok_script({("RPC", "drone-telemetry"): [UNAVAILABLE, TELEMETRY_OK]})
+    scheduler, wf, client = await _schedule(script)
+    assert wf.status == "scheduled" and wf.steps["preflight"] == "ok"
+    assert [c[:2] for c in client.calls].count(("RPC", "drone-telemetry")) == 2
+
+
+async def test_a_preflight_that_lasts_unavailable_releases_the_drone() -> None:
+    scheduler, wf, _ = await _schedule(_ok_script({("RPC", "drone-telemetry"): [UNAVAILABLE]}), retries=1)
+    assert wf.status == "failed" and not wf.non_transient
+    assert wf.steps["preflight"] == "failed: 503 UNAVAILABLE (telemetry unavailable)"
+    assert [c["action"] for c in scheduler.compensations] == ["release-drone", "cancel-package"]
+
+
+@pytest.mark.parametrize("report, problem", [
+    ({"deliveryId": "d-other", "battery": 90.0}, "drone drone-007 reports delivery d-other"),
+    ({"deliveryId": "d-1", "battery": 12.0}, "drone drone-007 reports battery 12.0"),
+])
+async def test_a_drone_whose_telemetry_disagrees_is_not_dispatched(report, problem) -> None:
+    script = _ok_script({("RPC", "drone-telemetry"): [Reply(200, report, grpc_code="OK")]})
+    scheduler, wf, client = await _schedule(script)
+    assert wf.status == "failed" and wf.non_transient and wf.steps["preflight"] == f"failed: {problem}"
+    assert [c["action"] for c in scheduler.compensations] == ["release-drone", "cancel-package"]
+    assert "/api/drones/drone-007/dispatch" not in [c[2] for c in client.calls]
+
+
 def test_reply_classification() -> None:
     assert Reply(0, error="x").transient and Reply(503).transient and Reply(429).transient
     assert not Reply(403).transient and not Reply(200).transient and Reply(204).ok
     assert Reply(503, headers={"x-meshproxy-error": "overloaded"}).describe() == "503 (proxy: overloaded)"
     assert Reply(0, error="ClientConnectorError").describe() == "no answer (ClientConnectorError)"
+    # A gRPC status is judged by its HTTP equivalent and named in descriptions.
+    assert UNAVAILABLE.transient and not Reply(404, grpc_code="NOT_FOUND").transient
+    assert Reply(503, headers={"x-meshproxy-error": "no-endpoints"}, grpc_code="UNAVAILABLE").describe() == \
+        "503 UNAVAILABLE (proxy: no-endpoints)"
 
 
 def test_trace_ids_from_w3c_and_b3() -> None:
