@@ -10,10 +10,15 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
 import subprocess
+import sys
+import threading
 import time
 from collections import Counter
+from pathlib import Path
 
 import grpc
 import pytest
@@ -267,3 +272,100 @@ def test_calls_are_counted_with_their_grpc_status(sidecar):
     assert count(grpc_status="14", code="200", classification="failure",
                  service="nothing.default") >= 1
     assert count(grpc_status="14") == before["14"] + 1
+
+
+# -- backends that go away under load ------------------------------------------------------
+
+TESTS = Path(__file__).resolve().parents[1]
+
+
+def app_process(name: str) -> tuple[subprocess.Popen, int]:
+    """A gRPC app in a process of its own (support/grpcapp.py): (process, port)."""
+    env = dict(os.environ, PYTHONPATH=str(TESTS))
+    proc = subprocess.Popen([sys.executable, "-m", "support.grpcapp", name], cwd=TESTS,
+                            env=env, stdout=subprocess.PIPE, text=True)
+    return proc, int(proc.stdout.readline())
+
+
+def load_until(port: int, enough: threading.Event, done: threading.Event,
+               workers: int = 8) -> tuple[Counter, list]:
+    """Unary calls from `workers` threads on one channel until `done`; `enough` is set
+    after the first 200. Returns (answers by app, failures)."""
+    answers: Counter = Counter()
+    failures: list = []
+    lock = threading.Lock()
+    with channel(port) as ch:
+        unary = stub(ch, "Unary")
+
+        def work() -> None:
+            while not done.is_set():
+                try:
+                    answer = unary(b"sleep-5", timeout=10)
+                except grpc.RpcError as exc:
+                    with lock:
+                        failures.append((exc.code(), exc.details()))
+                    continue
+                with lock:
+                    answers[answer.split(b":")[0]] += 1
+                    if sum(answers.values()) >= 200:
+                        enough.set()
+
+        threads = [threading.Thread(target=work, daemon=True) for _ in range(workers)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+    return answers, failures
+
+
+@pytest.mark.parametrize("how", ["drained", "killed"])
+def test_a_backend_that_goes_away_mid_load_fails_no_call(tmp_path, how):
+    """Drained (SIGTERM: the app's GOAWAY, its calls in flight finish, new ones are refused
+    and retried elsewhere), or killed (its connection resets under calls in flight, retried
+    where the policy allows `reset` for gRPC's POSTs): no call fails."""
+    procs = [app_process(f"p{i}") for i in range(3)]
+    try:
+        policy = {"apiVersion": "meshproxy.io/v1alpha1", "kind": "TrafficPolicy",
+                  "metadata": {"name": "echo", "namespace": "default"},
+                  "spec": {"targetRef": {"kind": "Service", "name": "echo"},
+                           "retry": {"attempts": 3, "nonIdempotent": True,
+                                     "on": ["connect-failure", "refused-stream", "unavailable",
+                                            "reset"]}}}
+        mesh = mesh_yaml({"echo": [f"127.0.0.1:{port}" for _, port in procs]},
+                         documents=[policy] if how == "killed" else [])
+        proxy = ProxyProcess(tmp_path, mesh, service="client").start()
+        try:
+            enough, done = threading.Event(), threading.Event()
+            result: list = []
+            loader = threading.Thread(target=lambda: result.append(
+                load_until(proxy.outbound, enough, done)), daemon=True)
+            loader.start()
+            assert enough.wait(30), "no load"
+            victim = procs[0][0]
+            if how == "drained":
+                victim.send_signal(signal.SIGTERM)
+            else:
+                victim.kill()
+            victim.wait(15)
+            after = threading.Event()
+            # Keep the load on for 300 more calls after the backend went.
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline and not after.is_set():
+                status, body = proxy.admin_get("/endpoints")
+                if proxy.metric_sum("meshproxy_requests_total", service="echo.default") \
+                        >= 500:
+                    after.set()
+                else:
+                    time.sleep(0.05)
+            done.set()
+            loader.join(60)
+            answers, failures = result[0]
+            assert not failures, failures[:5]
+            assert answers[b"p1"] and answers[b"p2"], answers
+        finally:
+            proxy.stop()
+    finally:
+        for proc, _ in procs:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait(10)

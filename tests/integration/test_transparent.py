@@ -508,6 +508,23 @@ def test_http_goes_app_sidecar_sidecar_app(pods) -> None:
         assert handshakes(client, "outbound") >= 1 and handshakes(server, "inbound") >= 1
 
 
+def test_http2_with_prior_knowledge_is_served_per_request_not_as_tcp(pods) -> None:
+    """An h2c connection (gRPC's, curl --http2-prior-knowledge's) under interception gets the
+    mesh per request: counted as requests by both sidecars, and no TCP stream is proxied.
+    (One URL per curl: Debian 12's curl 7.88 fails a second request on a reused
+    prior-knowledge connection, curl/curl#10634.)"""
+    client, server = pods
+    out0, in0 = requests(client, "outbound", "web.default"), requests(server, "inbound", "web.default")
+    tcp0 = tcp_opened(client, "outbound")
+    for path in ("/one", "/two"):
+        done = client.run("curl", "-s", "-m", "10", "--http2-prior-knowledge", "-o", "/dev/null",
+                          "-w", "%{http_code} %{http_version}", f"http://{WEB_VIP}{path}")
+        assert done.stdout == "200 2"
+    assert requests(client, "outbound", "web.default") == out0 + 2
+    assert requests(server, "inbound", "web.default") == in0 + 2
+    assert tcp_opened(client, "outbound") == tcp0
+
+
 def test_unknown_destination_passes_through_and_inbound_goes_to_the_original_port(pods) -> None:
     client, server = pods
     in0 = server.value("meshproxy_requests_total", direction="inbound")

@@ -112,3 +112,27 @@ def stub(channel: grpc.Channel, method: str, kind: str = "unary_unary"):
     make = getattr(channel, kind)
     return make(f"/{SERVICE}/{method}", request_serializer=_identity,
                 response_deserializer=_identity)
+
+
+def main() -> None:
+    """`python -m support.grpcapp NAME`: a GrpcApp in a process of its own (so that a test
+    can kill it, or stop it with SIGTERM: a graceful stop, GOAWAY first); prints its port."""
+    import signal
+    import sys
+
+    app = GrpcApp(sys.argv[1] if len(sys.argv) > 1 else "app").start()
+    print(app.port, flush=True)
+    stopped = threading.Event()
+
+    def graceful(*_: object) -> None:
+        server = app._server
+        if server is not None:
+            server.stop(grace=5).wait()
+        stopped.set()
+
+    signal.signal(signal.SIGTERM, graceful)
+    stopped.wait()
+
+
+if __name__ == "__main__":
+    main()
