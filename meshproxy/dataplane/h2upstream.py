@@ -45,8 +45,9 @@ from meshproxy.http2.fields import request_fields, response_head
 
 log = logging.getLogger("meshproxy.upstream")
 
-# Request bytes queued for one stream beyond the server's window before the client is paused.
-QUEUED_LIMIT = 256 * 1024
+# Request bytes queued for one stream beyond the server's window before the client is paused
+# (as h2downstream.QUEUED_LIMIT, and for the same reason).
+QUEUED_LIMIT = 1024 * 1024
 # Streams a connection carries before the server's SETTINGS say how many it allows.
 DEFAULT_MAX_STREAMS = 100
 

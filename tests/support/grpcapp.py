@@ -7,6 +7,7 @@ needed: service `demo.Echo` with one method of each kind, plus the standard heal
 - `ServerStream`: the request is a count N: N messages `NAME:i`.
 - `ClientStream`: answers `NAME:` + the number of messages and bytes received.
 - `Bidi`: echoes each message as `NAME:message`.
+- `Blob`: the request is a count N: N messages of 1 MiB each (bulk streaming).
 """
 
 from __future__ import annotations
@@ -73,6 +74,12 @@ class GrpcApp:
             size += len(message)
         return f"{self.name}:{count}:{size}".encode()
 
+    def _blob(self, request: bytes, context: grpc.ServicerContext):
+        self._count(context)
+        chunk = b"\xa5" * (1 << 20)
+        for _ in range(int(request.decode())):
+            yield chunk
+
     def _bidi(self, requests, context: grpc.ServicerContext):
         self._count(context)
         for message in requests:
@@ -86,6 +93,7 @@ class GrpcApp:
             "ClientStream": grpc.stream_unary_rpc_method_handler(self._client_stream, _identity,
                                                                  _identity),
             "Bidi": grpc.stream_stream_rpc_method_handler(self._bidi, _identity, _identity),
+            "Blob": grpc.unary_stream_rpc_method_handler(self._blob, _identity, _identity),
         }
         server = grpc.server(futures.ThreadPoolExecutor(max_workers=16))
         server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))

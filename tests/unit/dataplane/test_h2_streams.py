@@ -16,6 +16,7 @@ from meshproxy.http2.codec import (
     Reset,
     Settings,
 )
+from meshproxy.dataplane.h2downstream import QUEUED_LIMIT
 from meshproxy.http2.fields import request_head
 
 from fakes import Client, Mesh, response
@@ -171,10 +172,11 @@ def test_a_client_that_does_not_read_slows_the_upstream_down():
     stream = client.request("/stream")
     upstream = mesh.network.last
     upstream.respond(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
-    for _ in range(8):
+    chunks = QUEUED_LIMIT // 0x10000 + 4
+    for _ in range(chunks):
         upstream.respond(b"10000\r\n" + b"y" * 0x10000 + b"\r\n")  # 64 KiB chunks
     client.pump()
-    assert not upstream.transport.reading  # 512 KiB sent, 64 KiB admitted: paused
+    assert not upstream.transport.reading  # past the limit, 64 KiB admitted: paused
     received = len(client.body(stream))
     assert received <= 65535
     client.codec.consumed(stream, received)
@@ -183,7 +185,7 @@ def test_a_client_that_does_not_read_slows_the_upstream_down():
     assert upstream.transport.reading
     upstream.respond(b"0\r\n\r\n")
     client.pump()
-    assert len(client.body(stream)) == 8 * 0x10000 and client.ended(stream)
+    assert len(client.body(stream)) == chunks * 0x10000 and client.ended(stream)
 
 
 def test_a_reset_stream_stops_its_exchange_and_leaves_the_others():
