@@ -386,3 +386,25 @@ def test_a_gibibyte_streams_through_both_sidecars_with_flat_memory(mtls_mesh):
         # Flat: the peak stays within 64 MiB of what the sidecar held before the stream.
         assert proxy.peak_rss_kib() - before[proxy] < 64 * 1024, (before[proxy],
                                                                    proxy.peak_rss_kib())
+
+
+def test_sigterm_lets_calls_in_flight_finish_and_the_client_moves_on(tmp_path, apps):
+    """SIGTERM: each HTTP/2 client connection gets a GOAWAY; the calls in flight on it are
+    answered, then the sidecar exits 0 within its drain timeout."""
+    mesh = mesh_yaml({"echo": [apps[0].address]})
+    proxy = ProxyProcess(tmp_path, mesh, service="client").start()
+    try:
+        with channel(proxy.outbound) as ch:
+            unary = stub(ch, "Unary")
+            assert unary(b"warm", timeout=10).endswith(b":warm")  # the connection is open
+            before = apps[0].calls
+            calls = [unary.future(b"sleep-800", timeout=10) for _ in range(5)]
+            deadline = time.monotonic() + 10
+            while apps[0].calls < before + 5:  # all five reached the app
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
+            proxy.signal(signal.SIGTERM)
+            assert [c.result() for c in calls] == [b"app0:sleep-800"] * 5
+        assert proxy.wait(10) == 0
+    finally:
+        proxy.stop()
