@@ -13,10 +13,10 @@ import logging
 
 from mypy_extensions import mypyc_attr
 
-from meshproxy.dataplane.upstream import ResponseReceiver
+from meshproxy.dataplane.upstream import ResponseReceiver, UpstreamConnection
 from meshproxy.http1.errors import ProxyError
 from meshproxy.http1.events import RequestHead, ResponseHead
-from meshproxy.http1.writer import request_head_bytes
+from meshproxy.http2.grpc import is_grpc
 
 log = logging.getLogger("meshproxy.mirror")
 
@@ -150,20 +150,25 @@ class Mirrors:
         task.add_done_callback(self._tasks.discard)
 
     async def _send(self, runtime, head: RequestHead, target: bytes, body: list | None) -> None:
-        conn = None
+        conn: UpstreamConnection | None = None
         sink = None
         ok = False
         try:
             endpoint = runtime.pick()
-            conn = endpoint.pool.take_idle() or await endpoint.pool.connect()
-            sink = _Sink(self.loop)
-            conn.exchange = sink
-            conn.reader.expect(head.method == b"HEAD")
             copy = RequestHead(head.method, target, head.version, list(head.headers))
             payload = b"".join(body) if body is not None else b""
             copy.content_length = len(payload) if body is not None else None
             copy.request_id = head.request_id
-            conn.transport.write(request_head_bytes(copy, target) + payload)
+            copy.host = head.host
+            if (copy.version == "2" and is_grpc(copy)) or (
+                    copy.version != "1.0" and endpoint.pool.speaks_h2()):
+                # gRPC needs HTTP/2; towards a sidecar every request goes on HTTP/2.
+                conn = await endpoint.h2_pool().open_stream()
+            else:
+                conn = endpoint.pool.take_idle() or await endpoint.pool.connect()
+            sink = _Sink(self.loop)
+            conn.begin(sink, copy, target, [payload] if payload else [], complete=True,
+                       upgrade=False)
             async with asyncio.timeout(MIRROR_TIMEOUT):
                 ok = await sink.done
         except (ProxyError, TimeoutError, OSError) as exc:
@@ -174,12 +179,8 @@ class Mirrors:
             if not ok:
                 self.failed += 1
             if conn is not None:
-                conn.exchange = None
+                conn.detach()
                 if not ok or conn.reader.in_message:
                     conn.abort()
-                elif sink is not None and sink.keep_alive:
-                    conn.pool.release(conn)
                 else:
-                    conn.close()
-
-
+                    conn.finish(sink is not None and sink.keep_alive)

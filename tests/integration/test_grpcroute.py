@@ -5,6 +5,8 @@ proxy's own UNIMPLEMENTED (404 no-route)."""
 
 from __future__ import annotations
 
+import time
+
 import grpc
 import pytest
 
@@ -81,3 +83,39 @@ def test_a_call_no_rule_matches_is_unimplemented(sidecar, apps):
     assert "no-route" in (raised.value.details() or "") or \
         dict(raised.value.trailing_metadata() or ()).get("x-meshproxy-error") == "no-route"
     assert apps["v1"].calls + apps["v2"].calls == calls  # the proxy answered
+
+
+def test_a_mirror_gets_a_copy_of_each_call_and_weights_split_the_rest(tmp_path):
+    """A rule with weighted backends (3:1) and a RequestMirror: the calls split by weight,
+    and the mirror, a gRPC server too, gets a copy of every call over HTTP/2, without the
+    caller seeing it."""
+    started = {name: GrpcApp(name).start() for name in ("a", "b", "shadow")}
+    try:
+        route = {
+            "apiVersion": "gateway.networking.k8s.io/v1", "kind": "GRPCRoute",
+            "metadata": {"name": "split", "namespace": "default"},
+            "spec": {"parentRefs": [{"kind": "Service", "name": "echo"}],
+                     "rules": [{"matches": [{"method": {"service": "demo.Echo"}}],
+                                "filters": [{"type": "RequestMirror", "requestMirror": {
+                                    "backendRef": {"name": "echo-shadow"}}}],
+                                "backendRefs": [{"name": "echo-a", "weight": 3},
+                                                {"name": "echo-b", "weight": 1}]}]}}
+        mesh = mesh_yaml({"echo": [], "echo-a": [started["a"].address],
+                          "echo-b": [started["b"].address],
+                          "echo-shadow": [started["shadow"].address]}, documents=[route])
+        proxy = ProxyProcess(tmp_path, mesh, service="client").start()
+        try:
+            with channel(proxy.outbound) as ch:
+                unary = stub(ch, "Unary")
+                answers = [unary(b"%d" % i, timeout=10).split(b":")[0] for i in range(200)]
+            assert 110 <= answers.count(b"a") <= 190, answers.count(b"a")
+            assert answers.count(b"a") + answers.count(b"b") == 200
+            deadline = time.monotonic() + 10
+            while started["shadow"].calls < 200:
+                assert time.monotonic() < deadline, started["shadow"].calls
+                time.sleep(0.02)
+        finally:
+            proxy.stop()
+    finally:
+        for app in started.values():
+            app.stop()
