@@ -321,8 +321,10 @@ def load_until(port: int, enough: threading.Event, done: threading.Event,
 @pytest.mark.parametrize("how", ["drained", "killed"])
 def test_a_backend_that_goes_away_mid_load_fails_no_call(tmp_path, how):
     """Drained (SIGTERM: the app's GOAWAY, its calls in flight finish, new ones are refused
-    and retried elsewhere), or killed (its connection resets under calls in flight, retried
-    where the policy allows `reset` for gRPC's POSTs): no call fails."""
+    and retried elsewhere; a call grpcio had taken but not started when it stopped comes
+    back CANCELLED, retried where the policy says `cancelled`), or killed (its connection
+    resets under calls in flight, retried where the policy allows `reset` for gRPC's
+    POSTs): no call fails."""
     procs = [app_process(f"p{i}") for i in range(3)]
     try:
         policy = {"apiVersion": "meshproxy.io/v1alpha1", "kind": "TrafficPolicy",
@@ -330,9 +332,9 @@ def test_a_backend_that_goes_away_mid_load_fails_no_call(tmp_path, how):
                   "spec": {"targetRef": {"kind": "Service", "name": "echo"},
                            "retry": {"attempts": 3, "nonIdempotent": True,
                                      "on": ["connect-failure", "refused-stream", "unavailable",
-                                            "reset"]}}}
+                                            "cancelled", "reset"]}}}
         mesh = mesh_yaml({"echo": [f"127.0.0.1:{port}" for _, port in procs]},
-                         documents=[policy] if how == "killed" else [])
+                         documents=[policy])
         proxy = ProxyProcess(tmp_path, mesh, service="client").start()
         try:
             enough, done = threading.Event(), threading.Event()
