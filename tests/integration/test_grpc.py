@@ -410,3 +410,29 @@ def test_sigterm_lets_calls_in_flight_finish_and_the_client_moves_on(tmp_path, a
         assert proxy.wait(10) == 0
     finally:
         proxy.stop()
+
+
+def test_health_checking_and_reflection_cross_both_sidecars(mtls_mesh):
+    """The standard services real gRPC apps run: grpc.health.v1 (unary Check, streaming
+    Watch) and server reflection (a bidirectional stream), through client sidecar → mTLS
+    h2 → server sidecar."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    client, _, app = mtls_mesh
+    with channel(client.outbound, authority="server") as ch:
+        health = health_pb2_grpc.HealthStub(ch)
+        answer = health.Check(health_pb2.HealthCheckRequest(service="demo.Echo"), timeout=10)
+        assert answer.status == health_pb2.HealthCheckResponse.SERVING
+        with pytest.raises(grpc.RpcError) as raised:
+            health.Check(health_pb2.HealthCheckRequest(service="no.Such"), timeout=10)
+        assert raised.value.code() == grpc.StatusCode.NOT_FOUND
+        watch = health.Watch(health_pb2.HealthCheckRequest(service="demo.Echo"), timeout=10)
+        assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+        watch.cancel()
+
+        reflection = reflection_pb2_grpc.ServerReflectionStub(ch)
+        [listed] = list(reflection.ServerReflectionInfo(
+            iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=10))
+        names = {s.name for s in listed.list_services_response.service}
+        assert {"demo.Echo", "grpc.health.v1.Health"} <= names

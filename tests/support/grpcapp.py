@@ -1,5 +1,6 @@
 """A real gRPC server (grpcio) for the tests, with raw-bytes messages, so no generated code is
-needed: service `demo.Echo` with one method of each kind, plus the standard health service.
+needed: service `demo.Echo` with one method of each kind, plus the standard health service
+and server reflection (grpcio-health-checking, grpcio-reflection).
 
 - `Unary`: answers `NAME:REQUEST` (NAME: the server's name), or, when the request is
   `fail-N`, the status N (as trailers-only, since nothing was sent before);
@@ -97,6 +98,15 @@ class GrpcApp:
         }
         server = grpc.server(futures.ThreadPoolExecutor(max_workers=16))
         server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
+        # The standard health service (SERVING) and server reflection, as real apps run them.
+        from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+        from grpc_reflection.v1alpha import reflection
+
+        self.health = health.HealthServicer()
+        self.health.set(SERVICE, health_pb2.HealthCheckResponse.SERVING)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        reflection.enable_server_reflection(
+            (SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
         self.port = server.add_insecure_port("127.0.0.1:0")
         server.start()
         self._server = server
