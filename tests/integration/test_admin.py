@@ -107,7 +107,7 @@ async def test_metrics_are_prometheus_text(servers, state, client, url) -> None:
         for s in f.samples
     }
     key = tuple(sorted(dict(direction="inbound", service="cart.shop", route="default",
-                            code="200", classification="success").items()))
+                            code="200", classification="success", grpc_status="").items()))
     assert samples[("meshproxy_requests_total", key)] == 1
     assert samples[("meshproxy_config_version_info", (("version", "v7"),))] == 1
 
