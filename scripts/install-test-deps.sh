@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs what the test suite needs on a fresh Debian machine: the Debian tools the
-# integration tests drive (curl as a real client, iproute2/iptables for network namespaces,
+# integration tests drive (curl as a real client, h2load as a multiplexing HTTP/2 one, iproute2/iptables for network namespaces,
 # nginx/haproxy/wrk for benchmark smoke runs, promtool to check the Prometheus rules and
 # dashboard queries, kubectl to render deploy/, redis and PostgreSQL servers and clients as
 # real non-HTTP traffic through the sidecars in tests/integration/test_transparent.py,
@@ -15,7 +15,7 @@ declare -A provides=([curl]=curl [nginx]=nginx [haproxy]=haproxy [wrk]=wrk [ip]=
                      [iptables]=iptables [ps]=procps [promtool]=prometheus [kubectl]=kubectl
                      [redis-server]=redis-server [redis-cli]=redis-tools
                      [psql]=postgresql-client [pg_isready]=postgresql-client
-                     [debootstrap]=debootstrap [gcc]=gcc)
+                     [debootstrap]=debootstrap [gcc]=gcc [h2load]=nghttp2-client)
 missing=()
 for cmd in "${!provides[@]}"; do
   command -v "$cmd" >/dev/null 2>&1 || [ -x "/usr/sbin/$cmd" ] || missing+=("${provides[$cmd]}")
