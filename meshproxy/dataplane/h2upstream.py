@@ -25,7 +25,7 @@ from typing import Callable
 from meshproxy.dataplane.connect import asyncio_tls, connect_endpoint
 from meshproxy.dataplane.tls import Contexts
 from meshproxy.dataplane.upstream import ConnectionPool, ResponseReceiver, UpstreamConnection
-from meshproxy.http1.errors import ProxyError, UpstreamProtocolError, UpstreamReset
+from meshproxy.http1.errors import ConnectFailure, ProxyError, UpstreamProtocolError, UpstreamReset
 from meshproxy.http1.events import RequestHead
 from meshproxy.http2.codec import (
     CANCEL,
@@ -48,7 +48,7 @@ log = logging.getLogger("meshproxy.upstream")
 # Request bytes queued for one stream beyond the server's window before the client is paused
 # (as h2downstream.QUEUED_LIMIT, and for the same reason).
 QUEUED_LIMIT = 1024 * 1024
-# Streams a connection carries before the server's SETTINGS say how many it allows.
+# Streams a connection carries when the server's SETTINGS set no limit (RFC 9113: none).
 DEFAULT_MAX_STREAMS = 100
 
 
@@ -75,6 +75,12 @@ class Http2UpstreamStream(UpstreamConnection):
         self.exchange = receiver
         self.requests += 1
         conn = self.conn
+        conn.reserved -= 1
+        if conn.closed:
+            # The connection went away between the stream's choice and its try.
+            self.closed = True
+            receiver.upstream_lost()
+            return
         codec = conn.codec
         no_body = not head.has_body or (complete and not body)
         self.stream_id = codec.open_stream(request_fields(head, target, conn.scheme),
@@ -121,6 +127,11 @@ class Http2UpstreamStream(UpstreamConnection):
 
     def abort(self) -> None:
         self.exchange = None
+        if self.stream_id == 0:  # handed out, never begun: give its place back
+            if not self.closed:
+                self.closed = True
+                self.conn.reserved -= 1
+            return
         self.closed = True
         if not self.closed_stream:
             self._reset(CANCEL)
@@ -159,7 +170,7 @@ class Http2UpstreamConnection:
 
     __slots__ = ("pool", "h2pool", "transport", "codec", "streams", "max_streams", "closed",
                  "going_away", "scheme", "idle_since", "write_blocked", "opened", "contexts",
-                 "idle_timer")
+                 "idle_timer", "reserved", "settled")
 
     def __init__(self, pool: ConnectionPool, h2pool: "Http2Pool", scheme: bytes) -> None:
         self.pool = pool
@@ -167,7 +178,10 @@ class Http2UpstreamConnection:
         self.scheme = scheme
         self.codec = Codec(server=False, settings=Settings())
         self.streams: dict[int, Http2UpstreamStream] = {}
-        self.max_streams = DEFAULT_MAX_STREAMS
+        # No stream opens before the server's first SETTINGS say how many it allows (a burst
+        # of calls would otherwise open more than it takes, and have them reset).
+        self.max_streams = 0
+        self.settled: asyncio.Future | None = None  # done once the server's SETTINGS came
         self.closed = False
         self.going_away = False  # a GOAWAY came: no new stream here
         self.idle_since = 0.0
@@ -178,9 +192,11 @@ class Http2UpstreamConnection:
         tls = pool.tls
         self.contexts: Contexts | None = tls.contexts if tls is not None else None
         self.idle_timer: asyncio.TimerHandle | None = None
+        self.reserved = 0  # streams handed out (new_stream) and not yet begun
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        self.settled = self.pool.loop.create_future()
         self.codec.start()
         self.flush()
 
@@ -188,7 +204,12 @@ class Http2UpstreamConnection:
     def available(self) -> bool:
         """True when another stream may be opened here."""
         return (not self.closed and not self.going_away and not self.stale
-                and len(self.streams) < self.max_streams)
+                and self.load < self.max_streams)
+
+    @property
+    def load(self) -> int:
+        """Streams open or handed out to be opened."""
+        return len(self.streams) + self.reserved
 
     @property
     def stale(self) -> bool:
@@ -197,7 +218,10 @@ class Http2UpstreamConnection:
         return tls is not None and tls.contexts is not self.contexts
 
     def new_stream(self) -> Http2UpstreamStream:
+        """A stream of this connection, counted against its limit from now: it is opened
+        (`begin`) when its try is sent, which may be a loop step later."""
         self.opened += 1
+        self.reserved += 1
         return Http2UpstreamStream(self)
 
     def data_received(self, data: bytes) -> None:
@@ -223,7 +247,13 @@ class Http2UpstreamConnection:
                 opened = True
             elif kind is PeerSettings:
                 limit = event.max_concurrent_streams  # type: ignore[union-attr]
-                self.max_streams = limit if limit is not None else 1 << 31
+                if limit is not None:
+                    self.max_streams = limit
+                elif self.max_streams == 0:  # the first SETTINGS, without a limit
+                    self.max_streams = DEFAULT_MAX_STREAMS
+                settled = self.settled
+                if settled is not None and not settled.done():
+                    settled.set_result(None)
             elif kind is GoAway:
                 self.going_away = True
                 self.h2pool.went_away(self)
@@ -333,7 +363,7 @@ class Http2UpstreamConnection:
         self._after_stream()
 
     def _after_stream(self) -> None:
-        if self.streams or self.closed:
+        if self.streams or self.reserved or self.closed:
             return
         if self.going_away or self.stale:
             self.close()
@@ -347,7 +377,7 @@ class Http2UpstreamConnection:
     def _idle_check(self) -> None:
         """Close after the pool's idle timeout without a stream (as HTTP/1.1 ones are)."""
         self.idle_timer = None
-        if self.closed or self.streams:
+        if self.closed or self.streams or self.reserved:
             return
         left = self.idle_since + self.pool.idle_timeout - self.pool.loop.time()
         if left > 0.001:
@@ -369,6 +399,9 @@ class Http2UpstreamConnection:
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        settled = self.settled
+        if settled is not None and not settled.done():
+            settled.set_result(None)  # (its waiter finds it closed)
         self.h2pool.forget(self)
         self._lose_streams(UpstreamReset("upstream connection closed"))
 
@@ -428,10 +461,10 @@ class Http2Pool:
         """A new stream on the least loaded connection with room, or None."""
         best: Http2UpstreamConnection | None = None
         for conn in list(self.conns):
-            if not conn.streams and conn.stale:
+            if not conn.streams and not conn.reserved and conn.stale:
                 conn.close()  # opened with a certificate since replaced
                 continue
-            if conn.available and (best is None or len(conn.streams) < len(best.streams)):
+            if conn.available and (best is None or conn.load < best.load):
                 best = conn
         if best is None:
             return None
@@ -444,7 +477,9 @@ class Http2Pool:
             if stream is not None:
                 return stream
             connecting = self.connecting
-            if connecting is None:
+            if connecting is None or connecting.done():
+                # (A finished one may still be here, its done callback not yet run: awaiting
+                # it would not yield, and a full connection would make this loop spin.)
                 connecting = self.connecting = asyncio.ensure_future(self._connect())
                 connecting.add_done_callback(self._connected)
             conn = await asyncio.shield(connecting)
@@ -474,14 +509,23 @@ class Http2Pool:
                                          tls=tls, expected_id=pool.expected_id,
                                          tls_leg=leg)
         assert isinstance(conn, Http2UpstreamConnection)
+        settled = conn.settled
+        if settled is not None and not settled.done():
+            try:
+                async with asyncio.timeout(pool.connect_timeout):
+                    await settled
+            except TimeoutError:
+                conn.close()
+                raise ConnectFailure(f"{pool.host}:{pool.port} sent no HTTP/2 SETTINGS in time") \
+                    from None
         if conn.closed:
-            raise UpstreamReset("upstream closed the HTTP/2 connection at once")
+            raise ConnectFailure(f"{pool.host}:{pool.port} closed the HTTP/2 connection at once")
         self.conns.append(conn)
         return conn
 
     def idle(self, conn: Http2UpstreamConnection) -> None:
         """`conn` carries no stream now; connections beyond the first idle one are closed."""
-        idle = [c for c in self.conns if not c.streams and not c.closed]
+        idle = [c for c in self.conns if not c.streams and not c.reserved and not c.closed]
         if len(idle) > 1 and conn in idle:
             conn.close()
 
@@ -496,7 +540,7 @@ class Http2Pool:
 
     def close_idle(self) -> None:
         for conn in list(self.conns):
-            if not conn.streams:
+            if not conn.streams and not conn.reserved:
                 conn.close()
 
     def open_count(self) -> int:

@@ -8,11 +8,12 @@ from __future__ import annotations
 import re
 import subprocess
 
+from support.grpcapp import GrpcApp
 from support.proxy import ProxyProcess, mesh_yaml
 
 
-def h2load(port: int, *args: str) -> dict[str, int]:
-    done = subprocess.run(["h2load", *args, f"http://127.0.0.1:{port}/api/h2load"],
+def h2load(port: int, *args: str, path: str = "/api/h2load") -> dict[str, int]:
+    done = subprocess.run(["h2load", *args, f"http://127.0.0.1:{port}{path}"],
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr + done.stdout
     found = re.search(r"requests: (\d+) total, (\d+) started, (\d+) done, (\d+) succeeded, "
@@ -41,3 +42,28 @@ def test_h2load_streams_all_succeed_through_the_sidecar(tmp_path, backend, backe
         assert len(backend.requests("/api/h2load")) > 500 and len(backend_b.requests("/api/h2load")) > 500
     finally:
         proxy.stop()
+
+
+def test_h2load_grpc_calls_fill_the_upstreams_stream_limit_and_all_succeed(tmp_path):
+    """gRPC calls, 200 in flight, to an app that allows 8 streams per connection: the
+    sidecar opens as many HTTP/2 connections as it needs and none fails (it once spun for
+    ever here, waiting on a connection that was already full)."""
+    app = GrpcApp("limited", max_streams=8).start()
+    try:
+        proxy = ProxyProcess(tmp_path, mesh_yaml({"echo": [app.address]}), service="client").start()
+        try:
+            message = tmp_path / "message"
+            message.write_bytes(b"\x00\x00\x00\x00\x02hi")  # one gRPC message: b"hi"
+            result = h2load(proxy.outbound, "-n", "3000", "-c", "4", "-m", "50",
+                            "-d", str(message), "-H", ":authority: echo",
+                            "-H", "content-type: application/grpc", "-H", "te: trailers",
+                            path="/demo.Echo/Unary")
+            assert result == {"total": 3000, "done": 3000, "succeeded": 3000, "failed": 0,
+                              "errored": 0, "2xx": 3000}
+            assert proxy.metric_sum("meshproxy_requests_total", service="echo.default",
+                                    grpc_status="0") == 3000
+            assert app.calls == 3000
+        finally:
+            proxy.stop()
+    finally:
+        app.stop()

@@ -29,8 +29,10 @@ def _identity(data: bytes) -> bytes:
 class GrpcApp:
     """A grpcio server on 127.0.0.1:<free port>. Use start()/stop()."""
 
-    def __init__(self, name: str = "app") -> None:
+    def __init__(self, name: str = "app", max_streams: int | None = None) -> None:
+        """`max_streams`: the server's SETTINGS_MAX_CONCURRENT_STREAMS (grpcio: no limit)."""
         self.name = name
+        self.max_streams = max_streams
         self.port = 0
         self.calls = 0
         self.metadata: list[dict[str, str]] = []
@@ -96,7 +98,9 @@ class GrpcApp:
             "Bidi": grpc.stream_stream_rpc_method_handler(self._bidi, _identity, _identity),
             "Blob": grpc.unary_stream_rpc_method_handler(self._blob, _identity, _identity),
         }
-        server = grpc.server(futures.ThreadPoolExecutor(max_workers=16))
+        options = [] if self.max_streams is None else [
+            ("grpc.max_concurrent_streams", self.max_streams)]
+        server = grpc.server(futures.ThreadPoolExecutor(max_workers=16), options=options)
         server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
         # The standard health service (SERVING) and server reflection, as real apps run them.
         from grpc_health.v1 import health, health_pb2, health_pb2_grpc
