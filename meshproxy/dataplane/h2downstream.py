@@ -258,6 +258,7 @@ class Http2Stream(ClientConnection):
             # NO_ERROR after a complete response). A small body of known length is let in
             # and dropped instead: some clients (curl) take a reset before they have sent
             # everything as a failure, even after the whole response.
+            conn.flush_now()  # the response first: queued together, the reset would overtake it
             conn.codec.reset(self.stream_id, NO_ERROR)
         conn.stream_done(self)
 
@@ -281,7 +282,7 @@ class Http2Downstream:
 
     __slots__ = ("context", "transport", "codec", "streams", "tls", "peer_id", "original",
                  "closing", "writing_paused", "draining", "_idle_timer", "_stall_timer",
-                 "_linger_timer")
+                 "_linger_timer", "flush_pending")
 
     def __init__(self, context: ListenerContext, transport: asyncio.Transport, *, tls: bool,
                  peer_id: str | None, original: tuple[str, int] | None,
@@ -295,6 +296,7 @@ class Http2Downstream:
         self.streams: dict[int, Http2Stream] = {}
         self.closing = False
         self.writing_paused = False
+        self.flush_pending = False  # a flush_now is scheduled for this turn
         self.draining = False  # a GOAWAY went out: close once the last stream is done
         self._idle_timer: asyncio.TimerHandle | None = None
         self._stall_timer: asyncio.TimerHandle | None = None  # streams whose client is behind
@@ -342,11 +344,13 @@ class Http2Downstream:
                 pass  # the client opens no more streams; those open finish
             if self.closing:
                 return
-        self.flush()
         if opened:
-            # Only now, once the codec has framed what the new credit admits, does a
-            # stream's queue shrink: then its upstream is read again.
+            # Only once the codec has framed what the new credit admits does a stream's
+            # queue shrink: then its upstream is read again.
+            self.flush_now()
             self._window_opened()
+        else:
+            self.flush()
 
     def _headers(self, event: Headers) -> None:
         stream_id = event.stream_id
@@ -467,7 +471,7 @@ class Http2Downstream:
 
     def resume_writing(self) -> None:
         self.writing_paused = False
-        self.flush()
+        self.flush_now()
         self._window_opened()  # what the flush took from the codec may resume streams
 
     # -- clients that fall behind ------------------------------------------------------------
@@ -532,8 +536,18 @@ class Http2Downstream:
     # -- writing and closing ---------------------------------------------------------------
 
     def flush(self) -> None:
+        """Write what the codec has queued, at the end of this turn of the event loop: the
+        responses of many streams that complete in one turn (each upstream's read is a
+        callback of its own) then leave in one write, not one system call each."""
+        if self.flush_pending or self.closing or self.writing_paused:
+            return
+        self.flush_pending = True
+        self.context.loop.call_soon(self.flush_now)
+
+    def flush_now(self) -> None:
         """Write what the codec has queued (unless the socket's send buffer is full: then on
         resume_writing); close once the session is over."""
+        self.flush_pending = False
         if self.closing or self.writing_paused:
             return
         data = self.codec.data_to_send()
@@ -571,6 +585,10 @@ class Http2Downstream:
     def close(self) -> None:
         if self.closing:
             return
+        if not self.writing_paused:
+            data = self.codec.data_to_send()  # a GOAWAY, the last responses (flush's)
+            if data:
+                self.transport.write(data)
         self._end_streams()
         self.transport.close()
         self._linger()  # what is still unwritten would hold it open for a client that never reads

@@ -170,7 +170,7 @@ class Http2UpstreamConnection:
 
     __slots__ = ("pool", "h2pool", "transport", "codec", "streams", "max_streams", "closed",
                  "going_away", "scheme", "idle_since", "write_blocked", "opened", "contexts",
-                 "idle_timer", "reserved", "settled")
+                 "idle_timer", "reserved", "settled", "flush_pending")
 
     def __init__(self, pool: ConnectionPool, h2pool: "Http2Pool", scheme: bytes) -> None:
         self.pool = pool
@@ -193,12 +193,13 @@ class Http2UpstreamConnection:
         self.contexts: Contexts | None = tls.contexts if tls is not None else None
         self.idle_timer: asyncio.TimerHandle | None = None
         self.reserved = 0  # streams handed out (new_stream) and not yet begun
+        self.flush_pending = False  # a flush_now is scheduled for this turn
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
         self.settled = self.pool.loop.create_future()
         self.codec.start()
-        self.flush()
+        self.flush_now()
 
     @property
     def available(self) -> bool:
@@ -261,11 +262,13 @@ class Http2UpstreamConnection:
                 break
         for receiver in touched:
             receiver.flush()
-        self.flush()
         if opened:
-            # Only now, once the codec has framed what the new credit admits, does a
-            # stream's queue shrink: then its client is read again.
+            # Only once the codec has framed what the new credit admits does a stream's
+            # queue shrink: then its client is read again.
+            self.flush_now()
             self._window_opened()
+        else:
+            self.flush()
         if not self.closed and self.going_away and not self.streams:
             self.close()
 
@@ -331,6 +334,11 @@ class Http2UpstreamConnection:
         if receiver is None:
             return
         if code == REFUSED_STREAM and not stream.response_started:
+            # The server takes fewer streams than its SETTINGS said (grpcio counts a stream
+            # until its handler is done): hold this connection to what it carried when it
+            # refused, so that a burst is not refused stream after stream.
+            if not self.going_away:
+                self.max_streams = max(1, min(self.max_streams, self.load))
             receiver.upstream_refused()
         else:
             receiver.upstream_failed(UpstreamReset(f"stream reset by the server ({code})"),
@@ -386,6 +394,13 @@ class Http2UpstreamConnection:
         self.close()
 
     def flush(self) -> None:
+        """Write what the codec has queued, now. (Not deferred to the end of the loop's turn
+        as the client side's is: with requests held back a turn, grpcio servers near their
+        stream limit refused 25 times as many streams.)"""
+        self.flush_now()
+
+    def flush_now(self) -> None:
+        self.flush_pending = False
         if self.closed:
             return
         data = self.codec.data_to_send()
@@ -433,11 +448,16 @@ class Http2UpstreamConnection:
 
     def resume_writing(self) -> None:
         self.write_blocked = False
+        self.flush_now()
         self._window_opened()
 
     def close(self) -> None:
         if self.closed:
             return
+        if not self.codec.finished:
+            data = self.codec.data_to_send()  # resets, a GOAWAY: what flush would write
+            if data:
+                self.transport.write(data)
         self.closed = True
         if self.idle_timer is not None:
             self.idle_timer.cancel()

@@ -80,6 +80,7 @@ def test_streams_spread_over_the_least_loaded_connection_up_to_the_servers_limit
 def test_a_connection_that_received_a_goaway_takes_no_new_stream():
     loop, h2pool, servers = setup(2, max_streams=10)
     call(loop, h2pool)
+    loop.run()  # the request is on the wire before the GOAWAY
     servers[0].codec.goaway()
     servers[0].send()
     loop.run()

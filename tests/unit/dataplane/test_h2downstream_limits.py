@@ -94,9 +94,9 @@ def test_a_client_that_reads_gets_every_acknowledgement() -> None:
     mesh = Mesh.outbound({"shop": [A]})
     client = connected(mesh)
     before = len(client.transport.data)
-    for _ in range(20):
+    for _ in range(20):  # twenty reads, each a turn of the loop, as sockets deliver them
         client.send(frame(PING, 0, 0, b"12345678") * 100)
-    mesh.loop.run()
+        mesh.loop.run()
     sent = frames(client.transport.data[before:])
     assert len(sent) == 2000 and {(kind, flags) for kind, flags, _, _ in sent} == {(PING, ACK)}
 
