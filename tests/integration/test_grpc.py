@@ -232,6 +232,8 @@ def test_calls_cross_both_sidecars_over_mtls_h2(mtls_mesh):
         assert stub(ch, "Unary")(b"over-mtls", timeout=10) == b"server:over-mtls"
         streamed = list(stub(ch, "ServerStream", "unary_stream")(b"20", timeout=10))
         assert len(streamed) == 20
+        counted = stub(ch, "ClientStream", "stream_unary")(iter([b"ab"] * 300), timeout=10)
+        assert counted == b"server:300:600"
         echoed = list(stub(ch, "Bidi", "stream_stream")(iter([b"p", b"q"]), timeout=10))
         assert echoed == [b"server:p", b"server:q"]
     # The app learns the verified caller from the server sidecar (spec §5).
