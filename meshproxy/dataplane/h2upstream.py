@@ -27,6 +27,7 @@ from meshproxy.dataplane.tls import Contexts
 from meshproxy.dataplane.upstream import ConnectionPool, ResponseReceiver, UpstreamConnection
 from meshproxy.http1.errors import ConnectFailure, ProxyError, UpstreamProtocolError, UpstreamReset
 from meshproxy.http1.events import RequestHead
+from meshproxy.http1.response_reader import ResponseReader
 from meshproxy.http2.codec import (
     CANCEL,
     REFUSED_STREAM,
@@ -59,7 +60,7 @@ class Http2UpstreamStream(UpstreamConnection):
                  "write_paused", "response_started")
 
     def __init__(self, conn: "Http2UpstreamConnection") -> None:
-        super().__init__(conn.pool)
+        super().__init__(conn.pool, conn.idle_reader)
         self.conn = conn
         self.transport = conn.transport
         self.stream_id = 0
@@ -170,7 +171,7 @@ class Http2UpstreamConnection:
 
     __slots__ = ("pool", "h2pool", "transport", "codec", "streams", "max_streams", "closed",
                  "going_away", "scheme", "idle_since", "write_blocked", "opened", "contexts",
-                 "idle_timer", "reserved", "settled", "flush_pending")
+                 "idle_timer", "reserved", "settled", "flush_pending", "idle_reader")
 
     def __init__(self, pool: ConnectionPool, h2pool: "Http2Pool", scheme: bytes) -> None:
         self.pool = pool
@@ -194,6 +195,8 @@ class Http2UpstreamConnection:
         self.idle_timer: asyncio.TimerHandle | None = None
         self.reserved = 0  # streams handed out (new_stream) and not yet begun
         self.flush_pending = False  # a flush_now is scheduled for this turn
+        # What its streams hold as the HTTP/1.1 reader an UpstreamConnection has (unused).
+        self.idle_reader = ResponseReader()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -466,6 +469,26 @@ class Http2UpstreamConnection:
         self.transport.close()
 
 
+class TlsHttp2UpstreamConnection(Http2UpstreamConnection):
+    """An HTTP/2 connection over asyncio's TLS (to another sidecar): the same, but the
+    transport decrypts into the TLS state's shared buffer (`TLSState.read_buffer`), as
+    `TlsUpstreamConnection` does. Read as a plain protocol, uvloop's TLS asks for 256 KiB per
+    read, which glibc serves with mmap, mremap and munmap: three system calls per request
+    (measured: 2,795 of each in 5 s at 1000 req/s)."""
+
+    __slots__ = ()
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        tls = self.pool.tls
+        assert tls is not None  # made only by a pool with TLS
+        return tls.read_buffer
+
+    def buffer_updated(self, nbytes: int) -> None:
+        tls = self.pool.tls
+        assert tls is not None
+        self.data_received(bytes(tls.read_buffer[:nbytes]))
+
+
 class Http2Pool:
     """The HTTP/2 connections to one endpoint (beside its HTTP/1.1 pool)."""
 
@@ -523,7 +546,11 @@ class Http2Pool:
                              _: ssl.SSLContext, factory: Callable, timeout: float):  # type: ignore[no-untyped-def]
                 return await asyncio_tls(loop, host, port, context, factory, timeout)
             leg = h2_leg  # type: ignore[assignment]
-        factory = lambda: Http2UpstreamConnection(pool, self, scheme)  # noqa: E731
+        factory: Callable[[], Http2UpstreamConnection]
+        if contexts is not None:
+            factory = lambda: TlsHttp2UpstreamConnection(pool, self, scheme)  # noqa: E731
+        else:
+            factory = lambda: Http2UpstreamConnection(pool, self, scheme)  # noqa: E731
         _, conn = await connect_endpoint(pool.loop, pool.host, pool.port, factory,
                                          timeout=pool.connect_timeout, metrics=pool.metrics,
                                          tls=tls, expected_id=pool.expected_id,

@@ -87,9 +87,11 @@ class UpstreamConnection:
         "pool", "transport", "reader", "exchange", "requests", "idle_since", "closed",
     )
 
-    def __init__(self, pool: "ConnectionPool") -> None:
+    def __init__(self, pool: "ConnectionPool", reader: ResponseReader | None = None) -> None:
+        """`reader`: given by an HTTP/2 stream, which reads no HTTP/1.1 (the connection's
+        one idle reader, so that a stream costs no parser of its own)."""
         self.pool = pool
-        self.reader = ResponseReader()
+        self.reader = reader if reader is not None else ResponseReader()
         self.exchange: ResponseReceiver | None = None
         self.requests = 0  # exchanges carried so far; > 0 means the connection is reused
         self.idle_since = 0.0

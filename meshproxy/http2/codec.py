@@ -82,10 +82,11 @@ class Settings:
     max_frame_size: int = 16384
 
 
-# -- events ------------------------------------------------------------------------------------
+# -- events (slotted, not frozen: made per frame, and a frozen dataclass sets each field
+# through object.__setattr__) ---------------------------------------------------------
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Headers:
     """A header block of a stream: a request (server side), a response or an interim 1xx
     (`informational`, client side), or trailers."""
@@ -97,7 +98,7 @@ class Headers:
     trailers: bool = False
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Data:
     """Body bytes of a stream; pass them on, then call `Codec.consumed`."""
 
@@ -106,7 +107,7 @@ class Data:
     end_stream: bool
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Reset:
     """The peer reset a stream (RST_STREAM) with `code`."""
 
@@ -114,7 +115,7 @@ class Reset:
     code: int
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Closed:
     """A stream is closed, both ways (after its end, or a reset either way)."""
 
@@ -122,7 +123,7 @@ class Closed:
     code: int
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class GoAway:
     """The peer will process no stream above `last_stream_id`."""
 
@@ -130,14 +131,14 @@ class GoAway:
     code: int
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class WindowOpened:
     """The peer gave credit (0: the whole connection): queued body bytes may move on."""
 
     stream_id: int
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class PeerSettings:
     """The peer's SETTINGS arrived; `max_concurrent_streams` None when it set no limit."""
 
@@ -145,7 +146,7 @@ class PeerSettings:
     values: dict[int, int] = field(default_factory=dict)
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class OversizedHeaders:
     """Server side: a request whose header block is over `max_header_list_size` (decoded,
     `size` bytes as RFC 9113 §6.5.2 counts them): its stream is open, not to be served;
