@@ -139,12 +139,21 @@ def measure(path: MeasuredPath, settings: Settings, workdir: Path,
 
     `known` names the other processes this run started (app, control plane), so that they are
     not counted as other programs. Raises MeasureFailed."""
-    log = workdir / f"openloop-{path.name}.log"
     argv = [sys.executable, str(OPENLOOP), "--port", str(path.port),
             "--host-header", HOST_HEADER, "--path", APP_PATH, "--rate", str(settings.rate),
             "--connections", str(settings.connections), "--warmup", str(settings.warmup),
             "--seconds", str(settings.seconds), "--timeout", str(settings.timeout),
             "--expect-bytes", str(BODY_BYTES)]
+    return measure_generator(path, argv, settings, workdir / f"openloop-{path.name}.log", known)
+
+
+def measure_generator(path: MeasuredPath, argv: list[str], settings: Settings, log: Path,
+                      known: dict[str, Child | None]) -> dict:
+    """Run the open-loop generator `argv` (pinned to the load core; it prints `t0 SECONDS`,
+    then one line of JSON with at least `held`, `errors`, `scheduled` and the percentiles) and
+    return its figures with the CPU of each proxy of the path and of the rest of the machine
+    over its measured window (`settings.warmup` after t0, `settings.seconds` long). Its
+    standard error goes to `log`. Raises MeasureFailed."""
     with open(log, "wb") as err:
         proc = subprocess.Popen(pinned(argv, settings.load_cpu), stdin=subprocess.DEVNULL,
                                 stdout=subprocess.PIPE, stderr=err, text=True,
