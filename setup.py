@@ -52,6 +52,7 @@ COMPILED_MODULES = [
     "meshproxy/dataplane/relay.py",
     "meshproxy/dataplane/mirror.py",
     "meshproxy/dataplane/h2downstream.py",
+    "meshproxy/dataplane/h2stream.py",
     "meshproxy/dataplane/h2upstream.py",
     "meshproxy/http2/fields.py",
     "meshproxy/http2/grpc.py",

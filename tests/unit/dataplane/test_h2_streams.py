@@ -16,7 +16,7 @@ from meshproxy.http2.codec import (
     Reset,
     Settings,
 )
-from meshproxy.dataplane.h2downstream import QUEUED_LIMIT
+from meshproxy.dataplane.h2stream import QUEUED_LIMIT
 from meshproxy.http2.fields import request_head
 
 from fakes import Client, Mesh, response

@@ -17,7 +17,7 @@ import struct
 
 from fakes import Mesh
 
-from meshproxy.dataplane.h2downstream import QUEUED_LIMIT
+from meshproxy.dataplane.h2stream import QUEUED_LIMIT
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 HEADERS, RST_STREAM, SETTINGS, PING, GOAWAY, WINDOW_UPDATE = 0x1, 0x3, 0x4, 0x6, 0x7, 0x8
