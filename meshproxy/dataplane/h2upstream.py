@@ -170,7 +170,7 @@ class Http2UpstreamConnection:
     transport: asyncio.Transport
 
     __slots__ = ("pool", "h2pool", "transport", "codec", "streams", "max_streams", "closed",
-                 "going_away", "scheme", "idle_since", "write_blocked", "opened", "contexts",
+                 "going_away", "scheme", "idle_since", "write_blocked", "contexts",
                  "idle_timer", "reserved", "settled", "flush_pending", "idle_reader")
 
     def __init__(self, pool: ConnectionPool, h2pool: "Http2Pool", scheme: bytes) -> None:
@@ -187,7 +187,6 @@ class Http2UpstreamConnection:
         self.going_away = False  # a GOAWAY came: no new stream here
         self.idle_since = 0.0
         self.write_blocked = False  # the socket's send buffer is full
-        self.opened = 0  # streams opened so far
         # The TLS contexts in force when it was opened: after a certificate rotation it takes
         # no new stream (new connections use the new certificate), and closes when idle.
         tls = pool.tls
@@ -224,7 +223,6 @@ class Http2UpstreamConnection:
     def new_stream(self) -> Http2UpstreamStream:
         """A stream of this connection, counted against its limit from now: it is opened
         (`begin`) when its try is sent, which may be a loop step later."""
-        self.opened += 1
         self.reserved += 1
         return Http2UpstreamStream(self)
 
@@ -259,8 +257,7 @@ class Http2UpstreamConnection:
                 if settled is not None and not settled.done():
                     settled.set_result(None)
             elif kind is GoAway:
-                self.going_away = True
-                self.h2pool.went_away(self)
+                self.going_away = True  # not `available` now; closes after its last stream
             if self.closed:
                 break
         for receiver in touched:
@@ -284,7 +281,7 @@ class Http2UpstreamConnection:
             return
         if event.trailers:
             receiver.response_trailers(event.fields)
-            self._ended(stream, receiver)
+            receiver.response_end()
         else:
             try:
                 head = response_head(event.fields)
@@ -302,7 +299,7 @@ class Http2UpstreamConnection:
                         head.chunked = True
             receiver.response_head(head)
             if event.end_stream and stream.exchange is receiver:
-                self._ended(stream, receiver)
+                receiver.response_end()
         if stream.exchange is receiver and receiver not in touched:
             touched.append(receiver)
 
@@ -320,13 +317,9 @@ class Http2UpstreamConnection:
         else:
             self.codec.consumed(event.stream_id, size)
         if event.end_stream and stream.exchange is receiver:
-            self._ended(stream, receiver)
+            receiver.response_end()
         if receiver not in touched:
             touched.append(receiver)
-
-    def _ended(self, stream: Http2UpstreamStream, receiver: ResponseReceiver) -> None:
-        """The server ended the stream: the response is complete."""
-        receiver.response_end()
 
     def _stream_closed(self, stream_id: int, code: int) -> None:
         stream = self.streams.pop(stream_id, None)
@@ -492,7 +485,7 @@ class TlsHttp2UpstreamConnection(Http2UpstreamConnection):
 class Http2Pool:
     """The HTTP/2 connections to one endpoint (beside its HTTP/1.1 pool)."""
 
-    __slots__ = ("pool", "conns", "connecting", "client_context")
+    __slots__ = ("pool", "conns", "connecting")
 
     def __init__(self, pool: ConnectionPool) -> None:
         self.pool = pool
@@ -576,9 +569,6 @@ class Http2Pool:
         if len(idle) > 1 and conn in idle:
             conn.close()
 
-    def went_away(self, conn: Http2UpstreamConnection) -> None:
-        pass  # `available` is false from now on; it closes after its last stream
-
     def forget(self, conn: Http2UpstreamConnection) -> None:
         try:
             self.conns.remove(conn)
@@ -589,6 +579,3 @@ class Http2Pool:
         for conn in list(self.conns):
             if not conn.streams and not conn.reserved:
                 conn.close()
-
-    def open_count(self) -> int:
-        return len(self.conns)
