@@ -15,10 +15,21 @@ import random
 from typing import Callable
 
 from meshproxy.http1.events import RequestHead
-from meshproxy.policy.retry import RetryBudget, RetryRule, backoff_delay, retry_reason
+from meshproxy.policy.retry import (
+    REFUSED_STREAM,
+    RetryBudget,
+    RetryRule,
+    backoff_delay,
+    retry_reason,
+)
 
 # Spec §3: a request body up to this size is kept so that a failed try can be sent again.
 REPLAY_LIMIT = 64 * 1024
+# Streams an HTTP/2 server refused unprocessed are sent again up to this many times per
+# request, apart from the rule's attempts (as browsers do: Firefox's limit is 6). A gRPC
+# server near its stream limit refuses a burst's streams for a moment (grpcio counts a stream
+# until its handler is done); that is a signal to wait, not a failure of the request.
+REFUSED_RESENDS = 6
 
 
 class Attempts:
@@ -26,7 +37,7 @@ class Attempts:
 
     __slots__ = (
         "loop", "rng", "metrics", "service_key", "budget", "rule", "per_try", "timeout",
-        "tried", "retries", "made", "replay", "replay_bytes", "try_timer", "deadline_timer",
+        "tried", "retries", "refusals", "made", "replay", "replay_bytes", "try_timer", "deadline_timer",
         "retry_timer",
     )
 
@@ -45,6 +56,7 @@ class Attempts:
         self.per_try = per_try
         self.tried: set[str] | None = None  # endpoints already tried
         self.retries = 0  # retries decided on (the rule's attempts bound them)
+        self.refusals = 0  # refused streams sent again (REFUSED_RESENDS bounds them)
         self.made = 0  # retries sent: their backoff was over (meshproxy_retries_total)
         # The body kept for replay; None once it outgrew REPLAY_LIMIT (or none is kept).
         self.replay: list[bytes] | None = [] if keep_body and rule.attempts > 0 else None
@@ -78,7 +90,10 @@ class Attempts:
         it, the body can be sent again, and the budget has room; else None (then counted as
         budget-exhausted when only the budget said no)."""
         rule = self.rule
-        if self.retries >= rule.attempts:
+        if kind == REFUSED_STREAM:
+            if self.refusals >= REFUSED_RESENDS:
+                return None
+        elif self.retries >= rule.attempts:
             return None
         # The body can be sent again only if all of it will be in the buffer: it is complete,
         # or its announced length fits. A chunked body still arriving may yet outgrow it, and
@@ -101,9 +116,14 @@ class Attempts:
         if self.tried is None:
             self.tried = set()
         self.tried.add(endpoint_key)
-        self.retries += 1
+        if reason == REFUSED_STREAM:
+            self.refusals += 1
+            number = self.refusals
+        else:
+            self.retries += 1
+            number = self.retries
         rule = self.rule
-        delay = backoff_delay(self.retries - 1, rule.backoff_base, rule.backoff_max, self.rng)
+        delay = backoff_delay(number - 1, rule.backoff_base, rule.backoff_max, self.rng)
         self.retry_timer = self.loop.call_later(delay, self._backoff_over, reason, retry)
 
     def _backoff_over(self, reason: str, retry: Callable[[], None]) -> None:

@@ -350,7 +350,9 @@ class Forwarder(ResponseReceiver):
         if self.response is not None:
             self.sink.response_broken(UpstreamReset.reason)
             return
-        self._try_failed(UpstreamReset("stream refused by the upstream"), REFUSED_STREAM)
+        # Not the endpoint's failure (it is busy, or going away): the try ends neutral.
+        self._try_failed(UpstreamReset("stream refused by the upstream"), REFUSED_STREAM,
+                         outcome=None)
 
     def upstream_lost(self) -> None:
         """The upstream connection closed while this request was using it."""
@@ -383,14 +385,15 @@ class Forwarder(ResponseReceiver):
         return (attempts is None or attempts.rule.non_idempotent
                 or self.head.method.decode("latin-1") in IDEMPOTENT_METHODS)
 
-    def _try_failed(self, error: ProxyError, kind: str) -> None:
+    def _try_failed(self, error: ProxyError, kind: str, outcome: bool | None = False) -> None:
         """A try failed before any of its response was accepted: retry it when the rules
-        and the budget allow, else the exchange answers with `error`."""
+        and the budget allow, else the exchange answers with `error`. `outcome`: what the
+        try counts as for its endpoint (False a failure, None neither way)."""
         self._drop_upstream()
         if self.connect_task is not None:
             self.connect_task.cancel()
             self.connect_task = None
-        self._end_try(False)
+        self._end_try(outcome)
         if self.done:
             return
         reason = self._reason_to_retry(kind)

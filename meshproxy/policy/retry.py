@@ -112,7 +112,7 @@ def retry_reason(
     the budget) is the caller's to check.
 
     - `connect-failure`: nothing reached the app, so any method may be retried, if the
-      condition is in `rule.on`.
+      condition is in `rule.on`. `refused-stream` likewise, if it or `connect-failure` is.
     - `reset`, `timeout` and status codes: only idempotent methods (RFC 9110 §9.2.2), or any
       method when `rule.non_idempotent`. `5xx` in `rule.on` matches every code 500-599.
       A per-try `timeout` is answered with 504 by the proxy, so it is retried where `on` holds
@@ -122,7 +122,9 @@ def retry_reason(
     """
     on = rule.on
     if failure == CONNECT_FAILURE or failure == REFUSED_STREAM:
-        if failure in on and (replayable or not request_sent):
+        # A refused stream is a connect failure one level up (the app never saw the
+        # request): a rule that retries connect failures retries it too.
+        if (failure in on or CONNECT_FAILURE in on) and (replayable or not request_sent):
             return failure
         return None
     if not replayable:

@@ -85,9 +85,10 @@ def test_a_decision_does_not_change_with_more_bytes(first: bytes, more: bytes) -
 
 
 @given(st.binary(max_size=20))
-def test_http_exactly_when_a_method_and_a_space_lead(data: bytes) -> None:
-    starts = any(data.startswith(m + b" ") for m in METHODS)
-    prefix = any((m + b" ").startswith(data) and len(data) < len(m) + 1 for m in METHODS)
+def test_http_exactly_when_a_method_and_a_space_or_the_http2_preface_lead(data: bytes) -> None:
+    leads = [m + b" " for m in METHODS] + [b"PRI * HTTP/2.0\r\n"]
+    starts = any(data.startswith(lead) for lead in leads)
+    prefix = any(lead.startswith(data) and len(data) < len(lead) for lead in leads)
     expected = HTTP1 if starts else (None if prefix else TCP)
     assert detect(data) == expected
 

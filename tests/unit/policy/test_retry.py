@@ -17,6 +17,7 @@ from meshproxy.config.model.route import RouteRetry
 from meshproxy.policy.retry import (
     CONNECT_FAILURE,
     IDEMPOTENT_METHODS,
+    REFUSED_STREAM,
     RESET,
     TIMEOUT,
     RetryBudget,
@@ -70,6 +71,11 @@ REASONS = [
     # a body that could not be kept: connect-failure only, and only if nothing was sent
     ("POST", CONNECT_FAILURE, DEFAULT_ON, False, False, False, CONNECT_FAILURE),
     ("GET", CONNECT_FAILURE, DEFAULT_ON, False, True, False, None),
+    # refused-stream: the app never saw it either, retried where it or connect-failure is on
+    ("POST", REFUSED_STREAM, DEFAULT_ON, False, True, True, REFUSED_STREAM),
+    ("POST", REFUSED_STREAM, {REFUSED_STREAM}, False, True, True, REFUSED_STREAM),
+    ("GET", REFUSED_STREAM, {"reset", "503"}, False, True, True, None),
+    ("POST", REFUSED_STREAM, DEFAULT_ON, False, True, False, None),
     ("GET", RESET, DEFAULT_ON, False, False, False, None),
     ("GET", "503", DEFAULT_ON, False, True, False, None),
     ("PUT", TIMEOUT, DEFAULT_ON, True, True, False, None),
