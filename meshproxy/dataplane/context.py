@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
+import os
 import random
 
 from meshproxy.dataplane.mirror import Mirrors
@@ -27,6 +29,17 @@ from meshproxy.observability.trace import Tracing
 # Spec §3 "client side": header read timeout and idle keep-alive.
 HEADER_TIMEOUT = 10.0
 CLIENT_IDLE_TIMEOUT = 75.0
+
+log = logging.getLogger("meshproxy.proxy")
+
+# Every request a sidecar forwards carries its mark for the listener's direction in this
+# header, kept by every hop after it (as RFC 9110's Via is): a request that comes back to the
+# same sidecar in the same direction brings that sidecar's own mark back, and is a loop.
+HOP_HEADER = b"x-meshproxy-hop"
+# This process's part of the marks: random, so that no two sidecars share one.
+SIDECAR_TOKEN = os.urandom(6).hex().encode()
+# Loop sources logged per listener, at most (then loops are only counted).
+LOOP_SOURCES_LOGGED = 256
 
 
 class RequestIds:
@@ -59,7 +72,8 @@ class ListenerContext:
     __slots__ = (
         "loop", "direction", "resolver", "metrics", "rng", "request_ids", "trace", "mirrors",
         "access_log", "header_timeout", "idle_timeout", "tick", "tls", "connections",
-        "draining", "_idle_waiter", "h2_settings",
+        "draining", "_idle_waiter", "h2_settings", "hop_mark", "loop_sources",
+        "relay_sockets",
     )
 
     def __init__(self, loop: asyncio.AbstractEventLoop, resolver: Resolver,
@@ -90,6 +104,12 @@ class ListenerContext:
         self._idle_waiter: asyncio.Future | None = None
         # What HTTP/2 client connections are offered and held to (http2/codec.py).
         self.h2_settings = Settings()
+        # This sidecar's mark in HOP_HEADER for this direction, e.g. b"outbound-3f9a2c1b0d4e".
+        self.hop_mark = self.direction.encode() + b"-" + SIDECAR_TOKEN
+        self.loop_sources: set[str] = set()  # where loops came from, each logged once
+        # The local (host, port) of each TCP connection this listener's relays opened: one
+        # that arrives back here from such an address is a loop (dataplane/tcpproxy.py).
+        self.relay_sockets: set[tuple] = set()
 
     def tls_refused(self, reason: str) -> None:
         """Count a connection refused before any request (TLS required, handshake failed)."""
@@ -104,6 +124,26 @@ class ListenerContext:
         waiter = self._idle_waiter
         if waiter is not None and not self.connections and not waiter.done():
             waiter.set_result(None)
+
+    def loop_detected(self, source: str | None, what: str) -> None:
+        """A request (or TCP connection) came back to this listener: say so once per source,
+        with the likely causes, since every pass of a loop looks like the first."""
+        source = source.rsplit(":", 1)[0] if source else "an unknown address"
+        if source in self.loop_sources or len(self.loop_sources) >= LOOP_SOURCES_LOGGED:
+            return
+        self.loop_sources.add(source)
+        if self.direction == "inbound":
+            causes = ("traffic is intercepted (meshproxy init rules) but the sidecar runs "
+                      "without --transparent, so it sends the app's traffic back to itself; "
+                      "or the app address it forwards to is its own inbound listener")
+        else:
+            causes = ("a route or Service whose endpoints lead back to this sidecar (its own "
+                      "outbound listener), or interception (meshproxy init rules) of the "
+                      "sidecar's own connections: run it with --transparent, as the user the "
+                      "rules exclude")
+        log.warning("request loop: %s from %s came back to this sidecar's %s listener, "
+                    "refused with 508 loop-detected; likely cause: %s", what, source,
+                    self.direction, causes)
 
     def request_finished(self, record: RequestRecord, count: bool = True) -> None:
         """A request ended: count it in the metrics (unless not `count`: the client left

@@ -14,16 +14,28 @@ from typing import Sequence
 
 from meshproxy.config.model.route import HeaderModifier
 from meshproxy.dataplane.client import ClientConnection
+from meshproxy.dataplane.context import HOP_HEADER
 from meshproxy.dataplane.forwarder import Forwarder
 from meshproxy.dataplane.sink import ResponseSink
 from meshproxy.dataplane.mirror import MirrorCopy
 from meshproxy.dataplane.routing import route
 from meshproxy.dataplane.upstream import UpstreamConnection
-from meshproxy.http1.errors import ProxyError
+from meshproxy.http1.errors import LoopDetected, ProxyError
 from meshproxy.http1.events import HeaderList, RequestHead, ResponseHead
 from meshproxy.http2.grpc import status_of, trailers_only_status
 from meshproxy.observability.record import RequestRecord
 from meshproxy.policy.filters import modify_headers
+
+
+def _mark_hop(head: RequestHead, mark: bytes) -> bool:
+    """Add this sidecar's mark to the request's hops; True when the mark was already there
+    (the request has passed this way before: a loop)."""
+    headers = head.headers
+    for name, value in headers:
+        if len(name) == 15 and name.lower() == HOP_HEADER and mark in value:
+            return True
+    headers.append((HOP_HEADER, mark))
+    return False
 
 
 class Exchange(ResponseSink):
@@ -66,8 +78,12 @@ class Exchange(ResponseSink):
         # This hop's span id goes into the head before anything copies it (mirrors, tries).
         record.trace = context.trace.begin(head, client.transport)
         try:
+            looped = _mark_hop(head, context.hop_mark)
             service, target = context.resolver.resolve(head, client.peer_id, client.original)
             record.service = service.key  # metrics name the parent until a backend is chosen
+            if looped:
+                context.loop_detected(client.peer_address(), "a request for %s" % service.key)
+                raise LoopDetected("passed through this sidecar in this direction before")
             route_rule = None
             if service.routes is not None:
                 routed = route(head, target, service, context.resolver, context.rng)

@@ -109,6 +109,7 @@ class TcpProxy(asyncio.Protocol):
     __slots__ = (
         "context", "loop", "direction", "runtime", "transport", "tls", "counts", "pending",
         "pending_bytes", "client_eof", "client_write_paused", "closed", "endpoint", "task",
+        "relay_socket",
     )
 
     def __init__(self, context, runtime: "ServiceRuntime | None", stats: TcpStats) -> None:
@@ -128,6 +129,7 @@ class TcpProxy(asyncio.Protocol):
         self.closed = False
         self.endpoint: "EndpointRuntime | None" = None
         self.task: asyncio.Task | None = None
+        self.relay_socket: tuple | None = None  # the upstream's local address, while open
 
     # -- client side, until the relay starts ----------------------------------------------------
 
@@ -139,6 +141,14 @@ class TcpProxy(asyncio.Protocol):
         self.context.connection_opened(self)
         self.context.metrics.connection_opened(self.direction, self.tls)
         self.counts.opened += 1
+        peer = transport.get_extra_info("peername")
+        if isinstance(peer, tuple) and peer[:2] in self.context.relay_sockets:
+            # One of this listener's own relays connected here: forwarding would open
+            # another, and another. (Detection reads the first bytes or waits out its
+            # timeout first, so the relay that sent it has registered its address by now.)
+            self.context.loop_detected(f"{peer[0]}:{peer[1]}", "a TCP connection")
+            self._refuse("loop-detected", "the connection came back to the listener that sent it")
+            return
         runtime = self.runtime
         if runtime is None:
             # tcp_destination's only refusals: REGISTRY_ONLY outbound, authorization inbound.
@@ -275,6 +285,10 @@ class TcpProxy(asyncio.Protocol):
             upstream.transport.close()
             self._release_endpoint()
             return
+        local = upstream.transport.get_extra_info("sockname")
+        if isinstance(local, tuple):
+            self.relay_socket = local[:2]
+            self.context.relay_sockets.add(self.relay_socket)
         pending, self.pending = self.pending, []
         self.pending_bytes = 0
         relay = Relay(client, upstream.transport, client_lost=self.connection_lost,
@@ -299,6 +313,9 @@ class TcpProxy(asyncio.Protocol):
         self._release_endpoint()
 
     def _release_endpoint(self) -> None:
+        if self.relay_socket is not None:
+            self.context.relay_sockets.discard(self.relay_socket)
+            self.relay_socket = None
         endpoint, self.endpoint = self.endpoint, None
         if endpoint is None:
             return

@@ -103,6 +103,14 @@ class Timeout(ProxyError):
     reason = "timeout"
 
 
+class LoopDetected(ProxyError):
+    """A request that has already passed through this sidecar in the same direction (spec §9):
+    forwarding it again would send it round the same loop until something gives up."""
+
+    status = 508
+    reason = "loop-detected"
+
+
 def error_response(error: ProxyError, *, keep_alive: bool) -> bytes:
     """Return the complete HTTP/1.1 response bytes for `error`.
 

@@ -29,6 +29,7 @@ capability does not change how iptables' owner match sees their sockets.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
 import os
@@ -281,8 +282,8 @@ class Pod:
                    if n == name and all((k, want) in ls for k, want in labels.items()))
 
 
-def _start_sidecar(pod: Pod, identities=None, extra: list[str] = (), env: dict | None = None
-                   ) -> None:
+def _start_sidecar(pod: Pod, identities=None, extra: list[str] = (), env: dict | None = None,
+                   transparent: bool = True, as_root: bool = False) -> None:
     """The pod's sidecar as UID 1337: standalone, or (`identities`) on the control plane in
     the server pod, with a bootstrap token for its certificate; `env` added to its
     environment."""
@@ -294,9 +295,12 @@ def _start_sidecar(pod: Pod, identities=None, extra: list[str] = (), env: dict |
                   "--token-file", str(identities.token_file(pod.service))]
     err = open(pod.folder / f"{pod.service}-sidecar.log", "wb")
     pod.sidecar = subprocess.Popen(
-        ["ip", "netns", "exec", pod.ns, "setpriv", f"--reuid={PROXY_UID}", f"--regid={PROXY_UID}",
-         "--clear-groups", "--inh-caps=+dac_read_search", "--ambient-caps=+dac_read_search",
-         sys.executable, "-m", "meshproxy", "proxy", "--transparent", *source,
+        ["ip", "netns", "exec", pod.ns,
+         *([] if as_root else ["setpriv", f"--reuid={PROXY_UID}", f"--regid={PROXY_UID}",
+                               "--clear-groups", "--inh-caps=+dac_read_search",
+                               "--ambient-caps=+dac_read_search"]),
+         sys.executable, "-m", "meshproxy", "proxy", *(["--transparent"] if transparent else []),
+         *source,
          "--service", pod.service, "--log-level", "debug", "--drain-timeout", "1", *extra],
         cwd=REPO, stdin=subprocess.DEVNULL, stdout=err, stderr=err,
         env={**os.environ, **(env or {})})
@@ -400,6 +404,16 @@ def pods(request: pytest.FixtureRequest) -> Iterator[tuple[Pod, Pod]]:
     with a CA, mTLS between them; "-asyncio": the sidecars on asyncio's loop, not uvloop."""
     mtls = request.param.startswith("mtls")
     loop_args = ["--no-uvloop"] if request.param.endswith("asyncio") else []
+    with pod_pair(mtls, loop_args) as pair:
+        yield pair
+
+
+@contextlib.contextmanager
+def pod_pair(mtls: bool, loop_args: list[str], transparent: bool = True,
+             client_as_root: bool = False) -> Iterator[tuple[Pod, Pod]]:
+    """Make the two pods, their apps and sidecars (`transparent` False: the sidecars run
+    without --transparent, under the same rules; `client_as_root`: the client's sidecar runs
+    as root, a user the rules do not exclude); take everything down after."""
     tag = secrets.token_hex(3)
     folder = Path(tempfile.mkdtemp(prefix="mp-transparent-"))
     folder.chmod(0o755)
@@ -445,9 +459,11 @@ def pods(request: pytest.FixtureRequest) -> Iterator[tuple[Pod, Pod]]:
             _start_control(server, identities)
         # The server's sidecar is told its pod's addresses as injection does (a flag here);
         # the client's reads MESHPROXY_POD_IP, the single-address fallback.
-        _start_sidecar(client, identities, loop_args, env={"MESHPROXY_POD_IP": CLIENT_IP})
+        _start_sidecar(client, identities, loop_args, env={"MESHPROXY_POD_IP": CLIENT_IP},
+                       transparent=transparent, as_root=client_as_root)
         _start_sidecar(server, identities,
-                       [*loop_args, "--pod-ips", f"{SERVER_IP}, {SERVER_IP6}"])
+                       [*loop_args, "--pod-ips", f"{SERVER_IP}, {SERVER_IP6}"],
+                       transparent=transparent)
         yield client, server
     finally:
         for pod in (client, server):
@@ -891,3 +907,38 @@ def test_a_pod_without_ipv6_still_gets_a_working_sidecar(tmp_path) -> None:
             proc.terminate()
             proc.wait(10)
         sh("ip", "netns", "del", ns, check=False)
+
+
+def test_sidecars_without_transparent_under_the_rules_refuse_the_loop_with_508() -> None:
+    """The mistake of starting sidecars without --transparent under `meshproxy init`'s rules
+    (or losing the variable that says so): the server's sidecar forwards an inbound request
+    to its app at the pod's address, the rules send that connection back to its own inbound
+    listener, and the request went round until the client gave up. Now the second pass is
+    refused with 508 loop-detected and the sidecar says why, once."""
+    with pod_pair(False, [], transparent=False) as (client, server):
+        for _ in range(3):
+            status, data, headers = client.curl(f"http://{SERVER_IP}:8080/", "-H", "Host: web")
+            assert status == 508 and headers["x-meshproxy-error"] == "loop-detected", (status, data)
+        assert server.value("meshproxy_requests_total", direction="inbound", code="508") == 6
+        log = (server.folder / "web-sidecar.log").read_text()
+        warnings = [line for line in log.splitlines() if "request loop" in line]
+        assert len(warnings) == 1 and "without --transparent" in warnings[0], warnings
+
+
+def test_a_sidecar_whose_own_connections_are_intercepted_refuses_http_and_tcp_loops() -> None:
+    """The client's sidecar runs as root, which the rules do not exclude: each connection it
+    opens is redirected back to its own outbound listener. An HTTP request comes back marked
+    (508 loop-detected); a TCP connection comes back from the address of the relay that
+    opened it, and is closed at once, counted and logged, instead of relaying to itself until
+    it runs out of ports."""
+    with pod_pair(False, [], client_as_root=True) as (client, server):
+        status, data, headers = client.curl(f"http://{SERVER_IP}:8080/")
+        assert status == 508 and headers["x-meshproxy-error"] == "loop-detected", (status, data)
+        got = client.tcp("echo", SERVER_IP, 7001, "1024")
+        assert got == {"echoed": False, "trailer": ""}, got  # ended without an answer
+        assert client.value("meshproxy_tcp_connections_refused_total", direction="outbound",
+                            reason="loop-detected") == 1
+        assert client.value("meshproxy_tcp_connections_opened_total", direction="outbound") == 2
+        log = (client.folder / "client-sidecar.log").read_text()
+        warnings = [line for line in log.splitlines() if "request loop" in line]
+        assert len(warnings) == 1 and "own connections" in warnings[0], warnings

@@ -434,3 +434,30 @@ def test_a_finished_request_leaves_no_reference_cycle_for_the_garbage_collector(
     assert alive == [] and unreachable == 0
     # (read last: the test's own parse of what the client got makes garbage of its own)
     assert [r.status for r in client.responses()] == [200] * 21
+
+
+# --- loops ---------------------------------------------------------------------------------------
+
+
+def test_a_request_carrying_this_sidecars_own_mark_for_its_direction_is_answered_508() -> None:
+    mesh = shop(A)
+    mark = mesh.context.hop_mark.decode()
+    assert mark.startswith("outbound-") and len(mark) == len("outbound-") + 12
+    client = mesh.call(request("GET", "/", headers={"x-meshproxy-hop": f"inbound-{mark[9:]}, {mark}"}))
+    got = client.response
+    assert (got.status, got.header("x-meshproxy-error")) == (508, "loop-detected")
+    assert mesh.network.connections == []  # nothing went upstream
+    assert requests_counted(mesh, "508") == 1
+    assert not client.transport.closing  # the connection is still good for the next request
+
+
+def test_a_request_without_the_mark_goes_on_with_it_added_once() -> None:
+    mesh = shop(A)
+    # Another sidecar's marks (and this one's for the other direction) are not a loop.
+    other = "outbound-0123456789ab"
+    mine_inbound = "inbound-" + mesh.context.hop_mark.decode()[len("outbound-"):]
+    mesh.call(request("GET", "/", headers={"x-meshproxy-hop": f"{other}, {mine_inbound}"}))
+    [up] = mesh.network.connections
+    [sent] = up.requests
+    hops = [v.decode() for k, v in sent.head.headers if k.lower() == b"x-meshproxy-hop"]
+    assert hops == [f"{other}, {mine_inbound}", mesh.context.hop_mark.decode()]

@@ -26,6 +26,7 @@ SPEC_TABLE = {
     "NoHealthyEndpoints": (503, "Service Unavailable", "no-healthy-endpoints"),
     "Overloaded": (503, "Service Unavailable", "overloaded"),
     "Timeout": (504, "Gateway Timeout", "timeout"),
+    "LoopDetected": (508, "Loop Detected", "loop-detected"),  # spec §9
 }
 
 
