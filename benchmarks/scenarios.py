@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Resilience scenarios: meshproxy (and nginx) in front of three backends, one misbehaving.
+"""Resilience scenarios: meshproxy (and nginx) in front of backends, one of them misbehaving.
 
 a. one instance answers 50 ms late: client p50/p99 and the share it gets, for meshproxy's
    PeakEWMA, LeastRequest and RoundRobin and nginx's round robin and least_conn, plus the two
@@ -7,7 +7,11 @@ a. one instance answers 50 ms late: client p50/p99 and the share it gets, for me
 b. one instance answers 503 to everything: the success rate with meshproxy's defaults and
    with retries off;
 c. one instance is killed (SIGKILL) and restarted 10 s later: failed requests and how long
-   until it gets traffic again.
+   until it gets traffic again;
+d. two instances at 300 requests/s, open loop over 32 connections (requests in flight near
+   zero, so PeakEWMA chooses on its RTT estimates alone): the share each gets when they are
+   equal, when b1 is 40 ms slow for its first 30 requests only, and when b1 is 50 ms slower;
+   and three equal instances, b2 killed and restarted as in c.
 
 Each case starts its own backends, proxy and load generator (a Python client that records
 every request) and stops them at the end, also on Ctrl-C, SIGTERM or an error.
@@ -15,6 +19,7 @@ every request) and stops them at the end, also on Ctrl-C, SIGTERM or an error.
     python benchmarks/scenarios.py             # every scenario, 20 s of load per case
     python benchmarks/scenarios.py --quick     # 5 s per case (scenario c: about 20 s)
     python benchmarks/scenarios.py --cases a-peakewma,a-healthy --duration 30
+    python benchmarks/scenarios.py --cases d --duration 15   # the shares at 300 requests/s
 """
 
 from __future__ import annotations

@@ -3,8 +3,12 @@
 Every case puts one Service, `backend`, with instances b0, b1 (healthy) and b2 (the one that
 misbehaves) behind one proxy. Scenario a: b2 answers 50 ms late. Scenario b: b2 answers 503 to
 everything. Scenario c: b2 is killed with SIGKILL during the run and restarted on the same
-port 10 s later. Configs are rendered here (a Mesh file plus a TrafficPolicy for meshproxy, an
-nginx.conf for nginx), one folder per case.
+port 10 s later. Scenario d: two instances at a modest open-loop rate (300 requests/s over 32
+connections), where requests in flight are near zero and PeakEWMA's choice rests on its RTT
+estimates alone: b0 and b1 equal; b1 40 ms slow for its first 30 requests only; b1 always
+50 ms slower; and three equal instances, b2 killed and restarted as in scenario c. Configs
+are rendered here (a Mesh file plus a TrafficPolicy for meshproxy, an nginx.conf for nginx),
+one folder per case.
 """
 
 from __future__ import annotations
@@ -17,11 +21,18 @@ import yaml
 SERVICE = "backend"
 SLOW_DELAY_MS = 50.0
 AFFECTED = "b2"  # the instance that is slow, failing or killed
+# Scenario d: two instances, b1 the one that differs (if any), open-loop load.
+SHARE_AFFECTED = "b1"
+SHARE_RATE = 300.0  # requests per second
+SHARE_CONNECTIONS = 32
+SLOW_START_MS, SLOW_START_REQUESTS = 40.0, 30
 SCENARIOS = {
     "a": f"One instance ({AFFECTED}) answers {SLOW_DELAY_MS:.0f} ms slower than the others",
     "b": f"One instance ({AFFECTED}) answers 503 to everything",
     "c": f"One instance ({AFFECTED}) killed (SIGKILL) mid-run, restarted 10 s later on the "
          "same port",
+    "d": f"Two or three instances at {SHARE_RATE:.0f} requests/s (open loop, "
+         f"{SHARE_CONNECTIONS} connections): equal ones share the load",
 }
 
 
@@ -32,6 +43,7 @@ class Instance:
     name: str
     delay_ms: float = 0.0
     status: int = 200
+    delay_first: int = 0  # only the first N requests are delayed (0: all of them)
 
 
 HEALTHY = (Instance("b0"), Instance("b1"))
@@ -50,6 +62,8 @@ class Case:
     nginx_upstream: tuple[str, ...] = ()  # extra directives in nginx's upstream block
     nginx_server: tuple[str, ...] = ()  # extra directives in nginx's server block
     kill: str | None = None  # instance killed and restarted (scenario c)
+    rate: float | None = None  # open-loop requests per second (scenario d); None: closed loop
+    connections: int | None = None  # the open loop's connections
     note: str = ""
 
 
@@ -60,6 +74,11 @@ def _lb(kind: str) -> dict:
 SLOW = (*HEALTHY, Instance(AFFECTED, delay_ms=SLOW_DELAY_MS))
 FAILING = (*HEALTHY, Instance(AFFECTED, status=503))
 KILLED = (*HEALTHY, Instance(AFFECTED))
+
+TWO_EQUAL = (Instance("b0"), Instance(SHARE_AFFECTED))
+SLOW_START = (Instance("b0"), Instance(SHARE_AFFECTED, delay_ms=SLOW_START_MS,
+                                       delay_first=SLOW_START_REQUESTS))
+ONE_SLOWER = (Instance("b0"), Instance(SHARE_AFFECTED, delay_ms=SLOW_DELAY_MS))
 
 CASES: tuple[Case, ...] = (
     Case("a-healthy", "a", "meshproxy PeakEWMA, b0 and b1 only", "meshproxy", HEALTHY,
@@ -83,6 +102,17 @@ CASES: tuple[Case, ...] = (
          note="connect failures and resets retried, ejection after 5 failures"),
     Case("c-nginx", "c", "nginx defaults", "nginx", KILLED, kill=AFFECTED,
          note="reference: proxy_next_upstream error timeout, max_fails=1 fail_timeout=10s"),
+    Case("d-equal", "d", "meshproxy PeakEWMA, b0 and b1 equal", "meshproxy", TWO_EQUAL,
+         policy=_lb("PeakEWMA"), rate=SHARE_RATE, connections=SHARE_CONNECTIONS),
+    Case("d-slowstart", "d",
+         f"meshproxy PeakEWMA, b1 {SLOW_START_MS:.0f} ms slow for its first "
+         f"{SLOW_START_REQUESTS} requests", "meshproxy", SLOW_START, policy=_lb("PeakEWMA"),
+         rate=SHARE_RATE, connections=SHARE_CONNECTIONS),
+    Case("d-slower", "d", f"meshproxy PeakEWMA, b1 {SLOW_DELAY_MS:.0f} ms slower", "meshproxy",
+         ONE_SLOWER, policy=_lb("PeakEWMA"), rate=SHARE_RATE, connections=SHARE_CONNECTIONS),
+    Case("d-restart", "d", f"meshproxy PeakEWMA, three equal, {AFFECTED} killed and restarted",
+         "meshproxy", KILLED, policy=_lb("PeakEWMA"), kill=AFFECTED, rate=SHARE_RATE,
+         connections=SHARE_CONNECTIONS),
 )
 CASE_KEYS = tuple(case.key for case in CASES)
 

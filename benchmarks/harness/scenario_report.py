@@ -3,16 +3,18 @@
 Goals (from the resilience work): a. PeakEWMA's p99 at most 1.5x the p99 of the two healthy
 instances alone, and at most 5 % of requests to the slow instance; b. at least 99.9 % of GETs
 succeed with the defaults while one instance answers 503; c. no failed GET while an instance
-is killed and restarted.
+is killed and restarted; d. at 300 requests/s each of two equal instances gets 40–60 % of the
+answers, and a 50 ms slower one less than 5 %.
 """
 
 from __future__ import annotations
 
-from harness.scenario_cases import AFFECTED, CASES, SCENARIOS
+from harness.scenario_cases import AFFECTED, CASES, SCENARIOS, SHARE_AFFECTED
 
 P99_FACTOR = 1.5
 SLOW_SHARE_MAX = 0.05
 SUCCESS_MIN_PCT = 99.9
+EQUAL_SHARE = (0.40, 0.60)
 # Above this share of a core used by other programs during a case, its numbers are suspect.
 OTHER_LOAD_WARNING_PCT = 10.0
 
@@ -159,6 +161,59 @@ def _scenario_c(results: dict) -> list[str]:
     return lines
 
 
+def _scenario_d(results: dict) -> list[str]:
+    headers = ["case", "req/s", "p50 ms", "p99 ms", "share of answers", "failed",
+               "after the slow answers or the restart", *CPU_HEADERS]
+    rows, timelines, goals = [], [], []
+    for key, r in results.items():
+        if "failed" in r:
+            rows.append(_failed_row(key, r["failed"], len(headers)))
+            continue
+        s, case = r["summary"], LABELS[key]
+        shares = ", ".join(f"{name} {_pct(share)}" for name, share in sorted(s["share"].items()))
+        after = "—"
+        if "after_delay" in r:
+            a = r["after_delay"]
+            after = ("its slow answers were not over" if a is None else
+                     f"{SHARE_AFFECTED} {_pct(a['share'].get(SHARE_AFFECTED, 0.0))} of "
+                     f"{a['requests']:,} from +{r['delay_over_s']:.1f} s on")
+        elif "recovery" in r:
+            rc = r["recovery"]
+            back = rc["first_answer_after_restart_s"]
+            after = (f"{case.kill} not back within the run" if back is None else
+                     f"{case.kill} back {back:.1f} s after the restart, then "
+                     f"{_pct(rc['share_after_return'])}")
+        if r.get("timeline"):
+            if case.kill:
+                ev = r["events"]
+                timelines.append(f"- {case.label}: {case.kill}, from 2 s before the kill "
+                                 f"(killed at +{ev['killed_at']:.1f} s, accepting again at "
+                                 f"+{ev['back_at']:.1f} s): "
+                                 + " ".join(f"{100 * v:.0f}" for v in r["timeline"]))
+            else:
+                timelines.append(f"- {case.label}: {SHARE_AFFECTED}, from the start of the load "
+                                 "(warm-up included): "
+                                 + " ".join(f"{100 * v:.0f}" for v in r["timeline"]))
+        rows.append([case.label, _num(s["rps"], 0), _num(s["p50_ms"], 2), _num(s["p99_ms"], 2),
+                     shares, str(s["failures"]), after, *_cpu_cells(r)])
+        mine = s["share"].get(SHARE_AFFECTED, 0.0)
+        if key == "d-equal":
+            low, high = EQUAL_SHARE
+            met = all(low <= s["share"].get(n, 0.0) <= high for n in ("b0", SHARE_AFFECTED))
+            goals.append(f"each of two equal instances gets {low:.0%}–{high:.0%}: "
+                         f"{_pct(s['share'].get('b0', 0.0))} / {_pct(mine)}, "
+                         f"**{'met' if met else 'missed'}**")
+        elif key == "d-slower":
+            goals.append(f"≤ {SLOW_SHARE_MAX:.0%} to the {SHARE_AFFECTED} that is 50 ms slower: "
+                         f"{_pct(mine)}, **{'met' if mine <= SLOW_SHARE_MAX else 'missed'}**")
+    lines = _table(headers, rows)
+    if timelines:
+        lines += ["", "Share of answers (%) per second:", "", *timelines]
+    if goals:
+        lines += ["", "Goal: " + "; ".join(goals) + "."]
+    return lines
+
+
 def _warnings(results: dict) -> list[str]:
     worst = max((max(r["cpu"].get("proxy_core_other_pct") or 0.0,
                      r["cpu"].get("load_core_other_pct") or 0.0)
@@ -181,15 +236,17 @@ def markdown(meta: dict, results: dict[str, dict]) -> str:
              f"{s['kill_at']:g} s "
              f"after the warm-up, restart {s['restart_after']:g} s later, "
              f"{s['recovery_window']:g} s more), {s['request_timeout']:g} s request timeout; "
-             f"{pin}. Three backends b0, b1, b2 (Python asyncio), {AFFECTED} the affected one. "
-             "Latencies are of successful requests, measured by the client.", ""]
+             f"{pin}. Three backends b0, b1, b2 (Python asyncio), {AFFECTED} the affected one; "
+             f"in scenario d two, b0 and {SHARE_AFFECTED}, loaded open loop instead (requests "
+             "fall due at a fixed rate whatever the answers do; latency from when a request "
+             "was due). Latencies are of successful requests, measured by the client.", ""]
     idle = meta.get("busy_before_start")
     if idle:
         lines += ["Cores busy in the second before the run (other programs): " + ", ".join(
             f"CPU {cpu}: {pct:.0f} %" for cpu, pct in sorted(idle.items())) + ".", ""]
     lines += ["| machine | |", "| --- | --- |"]
     lines += [f"| {k} | {v} |" for k, v in meta["machine"].items()]
-    sections = {"a": _scenario_a, "b": _scenario_b, "c": _scenario_c}
+    sections = {"a": _scenario_a, "b": _scenario_b, "c": _scenario_c, "d": _scenario_d}
     for letter, title in SCENARIOS.items():
         mine = {k: r for k, r in results.items() if LABELS[k].scenario == letter}
         if not mine:

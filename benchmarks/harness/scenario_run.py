@@ -26,13 +26,15 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from harness.procs import (Child, Supervisor, busy_percent, cpu_busy_ticks, log_tail,
                            session_cpu_seconds, wait_until)
-from harness.scenario_cases import AFFECTED, SERVICE, Case, Instance, nginx_conf, write_mesh
+from harness.scenario_cases import (AFFECTED, SERVICE, SHARE_AFFECTED, Case, Instance, nginx_conf,
+                                    write_mesh)
 from harness.scenario_stats import Records, failure_times, recovery, summarise, timeline
 from harness.targets import HOST, TargetFailed, free_ports, wait_ready
 
 HERE = Path(__file__).resolve().parent
 BACKEND_SCRIPT = HERE / "scenario_backend.py"
 LOAD_SCRIPT = HERE / "scenario_load.py"
+OPEN_LOAD_SCRIPT = HERE / "scenario_openload.py"
 
 
 @dataclass(frozen=True)
@@ -185,6 +187,7 @@ def proxy_metrics(admin_port: int) -> dict:
 
 _STARTED = re.compile(r"^started (\S+)$", re.M)
 _FINISHED = re.compile(r"^finished (\S+)$", re.M)
+_DELAY_OVER = re.compile(r"^delay over (\S+)$", re.M)
 
 
 def _log_value(path: Path, pattern: re.Pattern) -> float | None:
@@ -222,6 +225,7 @@ class CaseRun:
     def _start_backend(self, instance: Instance, log_name: str) -> Child:
         argv = _python(BACKEND_SCRIPT, "--port", str(self.ports[instance.name]),
                        "--name", instance.name, "--delay-ms", str(instance.delay_ms),
+                       "--delay-first", str(instance.delay_first),
                        "--status", str(instance.status))
         child = self.sup.start(f"{self.case.key}-{log_name}", argv, cpu=self.s.load_cpu)
         self.children.append(child)
@@ -263,10 +267,17 @@ class CaseRun:
 
     def _start_load(self, seconds: float) -> Child:
         self.records_path = self.dir / "records.json"
-        argv = _python(LOAD_SCRIPT, "--port", str(self.listen), "--host-header", SERVICE,
-                       "--concurrency", str(self.s.concurrency), "--seconds", str(seconds),
-                       "--timeout", str(self.s.request_timeout),
-                       "--out", str(self.records_path))
+        if self.case.rate is not None:
+            argv = _python(OPEN_LOAD_SCRIPT, "--port", str(self.listen), "--host-header",
+                           SERVICE, "--rate", str(self.case.rate),
+                           "--connections", str(self.case.connections or self.s.concurrency),
+                           "--seconds", str(seconds), "--timeout", str(self.s.request_timeout),
+                           "--out", str(self.records_path))
+        else:
+            argv = _python(LOAD_SCRIPT, "--port", str(self.listen), "--host-header", SERVICE,
+                           "--concurrency", str(self.s.concurrency), "--seconds", str(seconds),
+                           "--timeout", str(self.s.request_timeout),
+                           "--out", str(self.records_path))
         child = self.sup.start(f"{self.case.key}-load", argv, cpu=self.s.load_cpu)
         self.children.append(child)
         return child
@@ -345,6 +356,15 @@ class CaseRun:
         result["failure_times_s"] = failure_times(rec, rec.start)
         if case.scenario == "a":
             result["timeline"] = timeline(rec, AFFECTED, rec.start)
+        if case.scenario == "d":
+            result["timeline"] = timeline(rec, SHARE_AFFECTED, rec.start)
+            delayed = next((i for i in case.instances if i.delay_first), None)
+            if delayed is not None:
+                # Its share once its slow answers are over, to the end of the run.
+                over = _log_value(self.backends[delayed.name].log_path, _DELAY_OVER)
+                result["delay_over_s"] = None if over is None else over - rec.start
+                result["after_delay"] = (None if over is None
+                                         else summarise(rec, over, rec.end))
         if case.kill:
             result["events"] = {k: v - started for k, v in events.items()}
             result["recovery"] = recovery(rec, case.kill, events["killed_at"], events["back_at"])

@@ -88,17 +88,26 @@ def test_one_slow_answer_raises_the_estimate_at_once() -> None:
     assert endpoint.rtt_estimate() == pytest.approx(0.500)
 
 
-def test_faster_answers_move_the_estimate_down_with_time_based_weight() -> None:
+def test_a_faster_answer_leaves_the_decayed_estimate_where_it_is() -> None:
     clock = FakeClock()
     endpoint = EndpointLoad("a:1", DEFAULT_RTT, DECAY, clock)
     observe(clock, endpoint, 0.500)
     # The next answer arrives one decay period after the peak was recorded.
     clock.advance(DECAY - 0.010)
     observe(clock, endpoint, 0.010)
-    weight = math.exp(-1.0)
-    expected = 0.500 * weight + 0.010 * (1 - weight)
-    assert endpoint.rtt_estimate() == pytest.approx(expected)
-    assert 0.010 < endpoint.rtt_estimate() < 0.500
+    # Not pulled back up toward the old peak by the answer: what the balancer saw stands.
+    assert endpoint.rtt_estimate() == pytest.approx(0.500 * math.exp(-1.0))
+    clock.advance(DECAY)
+    assert endpoint.rtt_estimate() == pytest.approx(0.500 * math.exp(-2.0))
+
+
+def test_an_answer_slower_than_the_decayed_estimate_replaces_it() -> None:
+    clock = FakeClock()
+    endpoint = EndpointLoad("a:1", DEFAULT_RTT, DECAY, clock)
+    observe(clock, endpoint, 0.500)
+    clock.advance(3 * DECAY)  # 0.500 * e^-3 = 0.025
+    observe(clock, endpoint, 0.040)
+    assert endpoint.rtt_estimate() == pytest.approx(0.040)
 
 
 def test_a_fast_answer_right_after_a_peak_barely_moves_the_estimate() -> None:
