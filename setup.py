@@ -22,6 +22,7 @@ import sys
 
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
+from setuptools.command.build_py import build_py
 
 # The modules compiled by mypyc, as paths from this folder. They are compiled together (one
 # shared library), so each may call the others' functions and classes natively.
@@ -185,9 +186,28 @@ class BuildMaybeCompiled(build_ext):
                 f.write(text)
 
 
+class BuildWithMeshFiles(build_py):
+    """Also copy the Mesh files of config/ (the demo's, the examples') into the built package
+    as meshproxy/bundled/config: a wheel (`pip install .`, `pipx install .`) has no source tree
+    beside it, and `meshproxy up` without a MESH_FILE runs the demo from there
+    (meshproxy/local/bundled.py). Editable installs read config/ itself."""
+
+    def run(self) -> None:
+        super().run()
+        here = os.path.dirname(os.path.abspath(__file__))
+        source = os.path.join(here, "config")
+        target = os.path.join(self.build_lib, "meshproxy", "bundled", "config")
+        for folder, _, files in os.walk(source):
+            for name in files:
+                if name.endswith((".yaml", ".yml")):
+                    relative = os.path.relpath(os.path.join(folder, name), source)
+                    os.makedirs(os.path.dirname(os.path.join(target, relative)), exist_ok=True)
+                    self.copy_file(os.path.join(folder, name), os.path.join(target, relative))
+
+
 setup(
     # A stand-in, so that setuptools runs build_ext (and tags the wheel for this platform);
     # BuildMaybeCompiled replaces it with mypyc's extensions, or with none.
     ext_modules=[Extension(SHARED_LIBRARY, sources=[])],
-    cmdclass={"build_ext": BuildMaybeCompiled},
+    cmdclass={"build_ext": BuildMaybeCompiled, "build_py": BuildWithMeshFiles},
 )

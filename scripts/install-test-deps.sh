@@ -6,7 +6,8 @@
 # real non-HTTP traffic through the sidecars in tests/integration/test_transparent.py,
 # debootstrap for the base system tests/integration/test_image_recipe.py builds the
 # Dockerfile's recipe in, gcc to compile the request path with mypyc) and the package with its
-# test extras, compiled: it fails when the compiled build is not the one in force.
+# test extras, compiled, into the virtual environment .venv (scripts/venv.sh): it fails when
+# the compiled build is not the one in force. Then `.venv/bin/python -m pytest` runs the suite.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -25,6 +26,8 @@ compgen -G "/usr/lib/postgresql/*/bin/postgres" >/dev/null || missing+=(postgres
 # Python's headers, for the compiled modules (a pyenv or python.org build has its own).
 python3 -c 'import os, sysconfig; os.stat(sysconfig.get_paths()["include"] + "/Python.h")' \
   2>/dev/null || missing+=(python3-dev)
+# Debian's python3 makes virtual environments (scripts/venv.sh) only with python3-venv.
+python3 -c 'import ensurepip' 2>/dev/null || missing+=(python3-venv)
 if [ ${#missing[@]} -gt 0 ]; then
   SUDO=""
   [ "$(id -u)" -eq 0 ] || SUDO="sudo"
@@ -34,11 +37,11 @@ if [ ${#missing[@]} -gt 0 ]; then
   mapfile -t missing < <(printf '%s\n' "${missing[@]}" | sort -u)
   $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
-# The editable install compiles the modules in setup.py's COMPILED_MODULES with mypyc, beside
-# their sources (each pip install rebuilds them and removes the previous build's extensions).
-python3 -m pip install -q -e '.[test]'
+# The package and its test extras, in .venv: pip may not install into Debian's own python3
+# (PEP 668).
+bash scripts/venv.sh test
 # The suite runs against the compiled build: fail here, with the reason, if it is not in force
 # (mypy refused a compiled module, no C compiler, ...; MESHPROXY_NO_COMPILE=1 skips the check).
 if [ "${MESHPROXY_NO_COMPILE:-0}" = "0" ]; then
-  python3 -m meshproxy.build_info --require-compiled
+  "${MESHPROXY_VENV:-.venv}/bin/python" -m meshproxy.build_info --require-compiled
 fi

@@ -92,7 +92,11 @@ async def watch(request: web.Request) -> web.StreamResponse:
             await response.write(shared)
             await response.write(own + b"}\n")
             held = record.version = snapshot.version
-    finally:  # the proxy went away (a write failed) or the server is stopping
+    except ConnectionResetError:
+        # The proxy went away (it stopped, or `up` is stopping everything): the watch ends
+        # here, quietly; aiohttp's ClientConnectionResetError is one of these.
+        return response
+    finally:  # the proxy went away or the server is stopping
         plane.proxy_disconnected(watch_id)
 
 

@@ -24,10 +24,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
+from meshproxy.local.bundled import SOURCE_CONFIG, bundled_file
+
 if TYPE_CHECKING:  # aiohttp loads when the load runs, not for every `meshproxy` command
     import aiohttp
 
-DEMO_MESH = Path(__file__).resolve().parents[2] / "config" / "demo" / "mesh.yaml"
+# The demo's Mesh file: the source tree's, or a built package's copy (local/bundled.py).
+DEMO_MESH = bundled_file("demo", "mesh.yaml") or SOURCE_CONFIG / "demo" / "mesh.yaml"
 OPERATIONS = ("create", "status", "update", "cancel")
 WEIGHTS = (0.35, 0.45, 0.12, 0.08)
 # The answers each operation expects; a 409 to a change is the API refusing a race this

@@ -1,12 +1,18 @@
 """`meshproxy up [MESH_FILE]`: a whole mesh on this machine, each part its own process.
 
 It starts the control plane (`meshproxy control` on the Mesh file, which it watches: edit the
-file or its policies and every sidecar follows), then for every meshed instance a sidecar
-(`meshproxy proxy --control URL`) and the instance's command (when the file gives one). Sidecar
-ports come from the file or are picked free; each sidecar tells the control plane its inbound
-port when it starts watching, and the control plane tells the others. `up` waits until every
-part is ready, prints the table, restarts a child that dies (with backoff), and on Ctrl-C or
-SIGTERM drains the sidecars, stops the apps and then the control plane.
+file or its policies and every sidecar follows) and waits until it answers `/ready`; only then
+for every meshed instance a sidecar (`meshproxy proxy --control URL`) and the instance's command
+(when the file gives one), so that no sidecar starts by failing to reach it. Sidecar ports come
+from the file or are picked free; each sidecar tells the control plane its inbound port when it
+starts watching, and the control plane tells the others. `up` waits until every part is ready,
+prints the table, restarts a child that dies (with backoff), and on Ctrl-C or SIGTERM drains the
+sidecars, stops the apps and then the control plane. A start that fails says which part, how,
+and where its output is, once.
+
+An instance's command whose first word is `python3` or `python` runs with the interpreter that
+runs `up` (app_argv): the apps then import the same installation as `up` (a virtual
+environment run by path and not activated, pipx), whichever `python3` comes first on PATH.
 
 Unless the Mesh disables mTLS, `up` makes the mesh's CA and one bootstrap token per Service in
 its state directory (files 0600, folders 0700): each sidecar proves its Service's identity with
@@ -27,11 +33,12 @@ from pathlib import Path
 
 
 from meshproxy.config import ConfigError, load_config
+from meshproxy.config.model.mesh import join_host_port
+from meshproxy.local.bundled import bundled_file
 from meshproxy.local.ports import free_port, port_is_open
 from meshproxy.local.supervisor import Child, Supervisor
 
-REPO_CONFIG = Path(__file__).resolve().parents[2] / "config"
-READY_TIMEOUT = 30.0
+READY_TIMEOUT = 30.0  # for the control plane, then again for the sidecars and apps
 STOP_TIMEOUT = 30.0  # sidecars drain for up to 25 s (spec §3)
 RESTART_BACKOFF = (1.0, 30.0)  # first delay, longest delay; doubles after each quick death
 STABLE_AFTER = 30.0  # a child that ran this long starts its backoff afresh
@@ -54,12 +61,29 @@ class PlannedInstance:
     meshed: bool = True
 
 
-def default_mesh_file() -> Path:
-    """The bundled demo, or the example mesh while the demo is not there."""
-    for candidate in (REPO_CONFIG / "demo" / "mesh.yaml", REPO_CONFIG / "examples" / "mesh.yaml"):
-        if candidate.exists():
-            return candidate
-    raise FileNotFoundError("no bundled mesh file found; give MESH_FILE")
+# First words of a command that mean "the interpreter running `up`" (see app_argv).
+PYTHON_NAMES = frozenset({"python3", "python"})
+
+
+def default_mesh_file() -> Path | None:
+    """The bundled demo, or the example mesh while the demo is not there (local/bundled.py:
+    the source tree's config/, or a built package's copy); None when there is neither."""
+    return bundled_file("demo", "mesh.yaml") or bundled_file("examples", "mesh.yaml")
+
+
+def app_argv(command: tuple[str, ...]) -> list[str]:
+    """The argv `up` runs for an instance's `command`.
+
+    A first word `python3` or `python` becomes the interpreter running `up` (sys.executable):
+    run by path from a virtual environment that is not activated, or installed with pipx, `up`
+    would otherwise start the apps with whichever python3 PATH finds first, which may not have
+    the packages the apps import (the demo's `-m meshproxy.demo`). Any other word, a path to an
+    interpreter included, is run as written (found on PATH).
+    """
+    argv = list(command)
+    if argv and argv[0] in PYTHON_NAMES and sys.executable:
+        argv[0] = sys.executable
+    return argv
 
 
 def plan(snapshot) -> list[PlannedInstance]:
@@ -156,7 +180,7 @@ def app_child(p: PlannedInstance, mesh_dir: Path, state_dir: Path) -> Child:
         outbound = f"http://127.0.0.1:{p.outbound}"
         env.update({"MESHPROXY_OUTBOUND": outbound, "HTTP_PROXY": outbound,
                     "http_proxy": outbound, "NO_PROXY": "", "no_proxy": ""})
-    return Child(name=f"{p.name}/app", argv=list(p.command), env=env, cwd=str(mesh_dir))
+    return Child(name=f"{p.name}/app", argv=app_argv(p.command), env=env, cwd=str(mesh_dir))
 
 
 def table(planned: list[PlannedInstance]) -> str:
@@ -176,25 +200,47 @@ def table(planned: list[PlannedInstance]) -> str:
 def _http_ok(url: str) -> bool:
     import urllib.request
 
+    # No proxy: the polls go to 127.0.0.1, and an HTTP_PROXY in the user's shell (urllib
+    # follows it unless NO_PROXY says otherwise) must not send them elsewhere.
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     try:
-        with urllib.request.urlopen(url, timeout=0.5) as r:
+        with opener.open(url, timeout=0.5) as r:
             return r.status == 200
     except OSError:
         return False
 
 
-async def wait_ready(planned: list[PlannedInstance], supervisor: Supervisor, control_url: str) -> list[str]:
-    """Poll the control plane's and every sidecar's /ready and every started app's port;
-    return what is still not ready at the deadline (empty when all are)."""
+def _exited(children: list[Child]) -> list[Child]:
+    """The children among `children` whose process has ended."""
+    return [c for c in children if c.process is not None and c.process.returncode is not None]
+
+
+async def wait_control(control: Child, control_url: str) -> str | None:
+    """Poll the control plane's /ready (200 once it listens with a valid configuration) until
+    it answers, it exits, or READY_TIMEOUT passes; return None when ready, else what went wrong
+    (one line, saying where its output is)."""
     deadline = time.monotonic() + READY_TIMEOUT
-    waiting: dict[str, PlannedInstance | None] = {"control": None, **{p.name: p for p in planned}}
+    while time.monotonic() < deadline:
+        if _exited([control]):
+            return (f"the control plane exited with code {control.process.returncode} before it was "
+                    f"ready; its output is above and in {control.log_path}")
+        if await asyncio.to_thread(_http_ok, f"{control_url}/ready"):
+            return None
+        await asyncio.sleep(0.05)
+    return (f"the control plane did not answer {control_url}/ready within {READY_TIMEOUT:.0f}s; "
+            f"its output is above and in {control.log_path}")
+
+
+async def wait_ready(planned: list[PlannedInstance], supervisor: Supervisor) -> list[str]:
+    """Poll every sidecar's /ready and every started app's port until all answer, a child
+    exits, or READY_TIMEOUT passes; return the instances still not ready (empty when all are)."""
+    deadline = time.monotonic() + READY_TIMEOUT
+    waiting = {p.name: p for p in planned}
     while waiting and time.monotonic() < deadline:
-        if not supervisor.exited.empty():
+        if _exited(supervisor.children):
             break
         for name, p in list(waiting.items()):
-            if p is None:
-                ready = await asyncio.to_thread(_http_ok, f"{control_url}/ready")
-            elif not p.meshed:
+            if not p.meshed:
                 ready = port_is_open(p.app_host, p.app_port)
             else:
                 ready = (p.command is None or port_is_open(p.app_host, p.app_port)) and \
@@ -204,6 +250,35 @@ async def wait_ready(planned: list[PlannedInstance], supervisor: Supervisor, con
         if waiting:
             await asyncio.sleep(0.1)
     return sorted(waiting)
+
+
+def ports_in_use(planned: list[PlannedInstance]) -> list[str]:
+    """The ports `up` is about to listen on (through the apps it starts and the sidecars) that
+    something already listens on, each as "HOST:PORT (WHAT)". An app `up` does not start is
+    expected to listen already, so its port is not checked."""
+    busy = []
+    for p in planned:
+        if p.command and port_is_open(p.app_host, p.app_port):
+            busy.append(f"{join_host_port(p.app_host, p.app_port)} ({p.name}'s app)")
+        if p.meshed:
+            for what, port in (("outbound", p.outbound), ("inbound", p.inbound),
+                               ("admin", p.admin), ("health", p.health)):
+                if port_is_open("127.0.0.1", port):
+                    busy.append(f"127.0.0.1:{port} ({p.name}'s sidecar {what})")
+    return busy
+
+
+def start_failure(supervisor: Supervisor, not_ready: list[str], log_dir: Path) -> str:
+    """One message for a start that failed: the children that exited (with their codes) or,
+    when none did, the instances not ready in time; where their output is, and what to do."""
+    exited = _exited(supervisor.children)
+    if exited:
+        codes = ", ".join(f"{c.name} exited with code {c.process.returncode}" for c in exited)
+        return (f"the mesh did not start: {codes}; the output is above and in {log_dir}. Fix "
+                f"what it says and run `meshproxy up` again")
+    return (f"the mesh did not start: not ready within {READY_TIMEOUT:.0f}s: {', '.join(not_ready)}; "
+            f"their output is above and in {log_dir}. An app must listen on its address; a "
+            f"sidecar must get its configuration and certificate from the control plane")
 
 
 def edge_urls(snapshot, planned: list[PlannedInstance]) -> list[str]:
@@ -270,6 +345,12 @@ async def run_mesh(mesh_file: Path, state_dir: Path, out=sys.stdout) -> int:
         print(f"{mesh_file}: no Mesh document in this file", file=sys.stderr)
         return 1
     planned = plan(snapshot)
+    busy = ports_in_use(planned)
+    if busy:
+        # Said before anything starts: each app and sidecar would otherwise fail on its own.
+        print(f"meshproxy up: already in use: {', '.join(busy)}. Is another `meshproxy up` "
+              f"running? Stop it, or change these ports in {mesh_file}", file=sys.stderr)
+        return 1
     taken = {p for q in planned for p in (q.app_port, q.outbound, q.inbound, q.admin, q.health) if p}
     control_host, control_port = control_address(snapshot, taken)
     control_url = f"http://{control_host}:{control_port}"
@@ -284,24 +365,31 @@ async def run_mesh(mesh_file: Path, state_dir: Path, out=sys.stdout) -> int:
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
     control = control_child(mesh_file, control_host, control_port, identity)
-    sidecars: list[Child] = []
-    apps: list[Child] = []
+    sidecars = [sidecar_child(p, control_url, identity) for p in planned if p.meshed]
+    apps = [app_child(p, mesh_file.parent, state_dir) for p in planned if p.command]
     try:
+        # The control plane first, and the rest once it answers: a sidecar started earlier
+        # would find nothing listening, log it, and retry its watch and its certificate.
         await supervisor.start(control)
-        for p in planned:
-            if p.meshed:
-                sidecars.append(sidecar_child(p, control_url, identity))
-            if p.command:
-                apps.append(app_child(p, mesh_file.parent, state_dir))
+        _write_pids(state_dir, supervisor)
+        problem = await wait_control(control, control_url)
+        if problem:
+            print(f"meshproxy up: {problem}", file=sys.stderr, flush=True)
+            return 1
         for child in [*sidecars, *apps]:
-            await supervisor.start(child)
+            try:
+                await supervisor.start(child)
+            except OSError as exc:  # the program is not there, or may not be run
+                print(f"meshproxy up: cannot start {child.name} ({' '.join(child.argv)}): {exc}; "
+                      f"fix its command in {mesh_file}", file=sys.stderr, flush=True)
+                return 1
         for child in supervisor.children:
             restarts.started_now(child)
         _write_pids(state_dir, supervisor)
-        not_ready = await wait_ready(planned, supervisor, control_url)
-        if not_ready or not supervisor.exited.empty():
-            print(f"meshproxy up: not ready: {', '.join(not_ready) or 'a process exited'}; "
-                  f"logs in {state_dir / 'logs'}", file=sys.stderr)
+        not_ready = await wait_ready(planned, supervisor)
+        if not_ready or _exited(supervisor.children):
+            print(f"meshproxy up: {start_failure(supervisor, not_ready, state_dir / 'logs')}",
+                  file=sys.stderr, flush=True)
             return 1
         print(table(planned), file=out)
         for url in edge_urls(snapshot, planned):
@@ -334,6 +422,12 @@ async def run_mesh(mesh_file: Path, state_dir: Path, out=sys.stdout) -> int:
 def run_up(args) -> int:
     """Entry point of `meshproxy up` (parsed arguments from meshproxy.cli)."""
     mesh_file = Path(args.mesh_file) if args.mesh_file else default_mesh_file()
+    if mesh_file is None:
+        # Neither the source tree's config/ nor a built package's copy of it (a package built
+        # by something other than setup.py's build_py).
+        print("meshproxy up: this installation has no bundled mesh: give MESH_FILE (the demo is "
+              "config/demo/mesh.yaml in the source tree)", file=sys.stderr)
+        return 1
     if not mesh_file.exists():
         print(f"meshproxy up: {mesh_file}: no such file", file=sys.stderr)
         return 1

@@ -28,6 +28,11 @@ class Lines:
             time.sleep(0.05)
         return False
 
+    def finish(self, timeout: float) -> None:
+        """Wait until the stream has ended (its writer exited) and every line is read."""
+        self._thread.join(timeout)
+        assert not self._thread.is_alive(), "the output did not end"
+
     def text(self) -> str:
         return "\n".join(self.lines)
 
