@@ -129,6 +129,10 @@ def _add_control(sub: argparse._SubParsersAction) -> None:
                    "--kubernetes, projected ServiceAccount tokens are checked by TokenReview")
     p.add_argument("--cert-lifetime", default="24h", metavar="DURATION",
                    help="lifetime of the proxies' certificates (at least 5s; default 24h)")
+    p.add_argument("--sidecar-ports", default=None, metavar="FILE",
+                   help="JSON list of the sidecars' inbound ports known in advance "
+                   "([{\"namespace\", \"service\", \"instance\", \"inbound\"}]; meshproxy up "
+                   "writes it): served from the first snapshot, before those sidecars register")
     p.add_argument("--log-level", default=_env_default("log_level", "info"),
                    choices=["debug", "info", "warning", "error"])
 

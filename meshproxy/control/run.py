@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import signal
@@ -201,7 +202,8 @@ async def serve_control(paths: list[str], listen: str | None = None, *, kubernet
                         kubeconfig: str | None = None, stop: asyncio.Event | None = None,
                         ca_dir: str | None = None, tokens_dir: str | None = None,
                         cert_lifetime: float = 86_400.0, webhook_recheck_every: float | None = None,
-                        ca_retry_max: float | None = None, ca_reload_every: float = CA_RELOAD_EVERY) -> int:
+                        ca_retry_max: float | None = None, ca_reload_every: float = CA_RELOAD_EVERY,
+                        sidecar_ports: dict[tuple[str, str, str], int] | None = None) -> int:
     """Run the control plane until SIGTERM/SIGINT (or `stop` is set); return the exit code:
     0, or 1 when the configuration given at start is invalid.
 
@@ -210,6 +212,12 @@ async def serve_control(paths: list[str], listen: str | None = None, *, kubernet
     longest wait between two attempts at the CA (defaults: meshproxy.kube.maintain's). With
     `ca_dir`: its files are looked at every `ca_reload_every` seconds (CAFolder)."""
     plane = ControlPlane()
+    if sidecar_ports:
+        # Known before any sidecar registers (meshproxy up plans every port): a control plane
+        # restarted while the mesh runs must not serve a snapshot in which those instances
+        # have no sidecar, or callers would go to their apps directly, in plaintext, past the
+        # destination's authorization, until each sidecar registers again.
+        plane.registrations.update(sidecar_ports)
     ca, verifiers, review_client = None, [], None
     background = []
     if ca_dir is None and kubernetes:
@@ -320,8 +328,36 @@ def run_control(args) -> int:
     if args.tokens_dir and not args.ca_dir:
         print("meshproxy control: --tokens-dir needs --ca-dir", file=sys.stderr)
         return 2
+    sidecar_ports = None
+    if args.sidecar_ports:
+        try:
+            sidecar_ports = load_sidecar_ports(args.sidecar_ports)
+        except (OSError, ValueError) as exc:
+            print(f"meshproxy control: --sidecar-ports {args.sidecar_ports}: {exc}", file=sys.stderr)
+            return 2
     import uvloop
 
     return uvloop.run(serve_control(list(args.config or []), args.listen, kubernetes=args.kubernetes,
                                     kubeconfig=args.kubeconfig, ca_dir=args.ca_dir,
-                                    tokens_dir=args.tokens_dir, cert_lifetime=lifetime))
+                                    tokens_dir=args.tokens_dir, cert_lifetime=lifetime,
+                                    sidecar_ports=sidecar_ports))
+
+
+def load_sidecar_ports(path: str) -> dict[tuple[str, str, str], int]:
+    """Read --sidecar-ports: a JSON list of {namespace, service, instance, inbound}; return
+    (namespace, service, instance) -> inbound port. Raises ValueError for anything else."""
+    with open(path, encoding="utf-8") as f:
+        entries = json.load(f)
+    if not isinstance(entries, list):
+        raise ValueError("expected a JSON list")
+    ports: dict[tuple[str, str, str], int] = {}
+    for i, entry in enumerate(entries):
+        try:
+            key = (str(entry["namespace"]), str(entry["service"]), str(entry["instance"]))
+            port = entry["inbound"]
+        except (TypeError, KeyError) as exc:
+            raise ValueError(f"entry {i}: needs namespace, service, instance and inbound") from exc
+        if not isinstance(port, int) or isinstance(port, bool) or not 0 < port < 65536:
+            raise ValueError(f"entry {i}: inbound must be a port number, not {port!r}")
+        ports[key] = port
+    return ports

@@ -23,6 +23,7 @@ to each other, STRICT unless a PeerAuthentication says otherwise.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import sys
@@ -128,9 +129,22 @@ def control_address(snapshot, taken: set[int]) -> tuple[str, int]:
     return "127.0.0.1", free_port(taken)
 
 
-def control_child(mesh_file: Path, host: str, port: int, identity: Path | None) -> Child:
+def write_sidecar_ports(state_dir: Path, planned: list[PlannedInstance]) -> Path:
+    """The sidecars' inbound ports, for the control plane's --sidecar-ports: a control plane
+    that `up` restarts knows them from its first snapshot, before the sidecars register."""
+    path = state_dir / "sidecar-ports.json"
+    path.write_text(json.dumps([
+        {"namespace": p.namespace, "service": p.service, "instance": p.name, "inbound": p.inbound}
+        for p in planned if p.meshed], indent=1) + "\n")
+    return path
+
+
+def control_child(mesh_file: Path, host: str, port: int, identity: Path | None,
+                  sidecar_ports: Path | None = None) -> Child:
     argv = [sys.executable, "-m", "meshproxy", "control", "--config", str(mesh_file),
             "--listen", f"{host}:{port}"]
+    if sidecar_ports is not None:
+        argv += ["--sidecar-ports", str(sidecar_ports)]
     if identity is not None:
         argv += ["--ca-dir", str(identity / "ca"), "--tokens-dir", str(identity / "tokens")]
     return Child(name="control", argv=argv)
@@ -364,7 +378,8 @@ async def run_mesh(mesh_file: Path, state_dir: Path, out=sys.stdout) -> int:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
-    control = control_child(mesh_file, control_host, control_port, identity)
+    control = control_child(mesh_file, control_host, control_port, identity,
+                            write_sidecar_ports(state_dir, planned))
     sidecars = [sidecar_child(p, control_url, identity) for p in planned if p.meshed]
     apps = [app_child(p, mesh_file.parent, state_dir) for p in planned if p.command]
     try:

@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
 
 import pytest
 import requests
@@ -172,3 +174,51 @@ def test_a_standalone_proxy_follows_its_files(tmp_path, backend, proxy_factory):
     assert config["version"] == good
     assert config["lastError"]["errors"][0].startswith(f"{route}:")
     assert _get(proxy).headers["x-tag"] == "two"
+
+
+def test_sidecar_ports_known_in_advance_are_in_the_first_snapshot(tmp_path):
+    """`up` restarts a control plane that died while the mesh runs: its first snapshot must
+    already send callers to the destinations' sidecars (--sidecar-ports, which `up` writes),
+    not to the apps directly in plaintext, past their authorization, until every sidecar has
+    registered again."""
+    mesh = tmp_path / "mesh.yaml"
+    mesh.write_text("""
+apiVersion: meshproxy.io/v1alpha1
+kind: Mesh
+metadata: {name: test}
+spec:
+  services:
+    - name: account
+      instances:
+        - {name: account-0, app: {address: "127.0.0.1:9101"}}
+        - {name: account-1, app: {address: "127.0.0.1:9102"}}
+""")
+    ports = tmp_path / "sidecar-ports.json"
+    ports.write_text(json.dumps([{"namespace": "default", "service": "account",
+                                  "instance": "account-0", "inbound": 16006}]))
+    plane = ControlProcess(tmp_path, [mesh], extra_args=["--sidecar-ports", str(ports)]).start()
+    try:
+        # What a proxy is sent first: the view in its watch's first snapshot.
+        with requests.get(f"{plane.url}/v1/watch?service=client&namespace=default", stream=True,
+                          timeout=10) as r:
+            first = json.loads(next(r.iter_lines()))
+        [mesh_doc] = [d for d in first["documents"] if d.get("kind") == "Mesh"]
+        [account] = mesh_doc["spec"]["services"]
+        sidecars = {i["name"]: i.get("sidecar") for i in account["instances"]}
+        # account-0's sidecar port is served before its sidecar said anything; account-1's
+        # is not known (nothing registered, nothing given) and stays unset.
+        assert sidecars == {"account-0": {"inbound": 16006}, "account-1": None}, sidecars
+    finally:
+        plane.stop()
+
+
+def test_a_bad_sidecar_ports_file_is_refused_with_a_clear_error(tmp_path):
+    mesh = tmp_path / "mesh.yaml"
+    mesh.write_text(mesh_yaml({"web": ["127.0.0.1:9"]}))
+    ports = tmp_path / "ports.json"
+    ports.write_text('[{"namespace": "default", "service": "web", "instance": "web-0"}]')
+    done = subprocess.run([sys.executable, "-m", "meshproxy", "control", "--config", str(mesh),
+                           "--sidecar-ports", str(ports)], capture_output=True, text=True, timeout=30)
+    assert done.returncode == 2
+    assert done.stderr.strip() == (f"meshproxy control: --sidecar-ports {ports}: entry 0: needs "
+                                   "namespace, service, instance and inbound")
