@@ -88,8 +88,9 @@ async def _request_log(request: web.Request, handler) -> web.StreamResponse:
                  status, ms, headers["x-request-id"], f" trace={trace}" if trace else "")
 
 
-def error(status: int, message: str, **extra: Any) -> web.Response:
-    """Return a JSON error answer `{"error": message, ...}`."""
+def error(status: int, message: str, /, **extra: Any) -> web.Response:
+    """Return a JSON error answer `{"error": message, ...}`. (Positional-only: `extra` may
+    hold a field named `status`, such as a delivery's.)"""
     return web.json_response({"error": message, **extra}, status=status)
 
 

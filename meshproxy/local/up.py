@@ -31,6 +31,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 
 from meshproxy.config import ConfigError, load_config
@@ -309,9 +310,11 @@ def edge_urls(snapshot, planned: list[PlannedInstance]) -> list[str]:
 class _Restarts:
     """Restarts children that die, waiting longer after each quick death."""
 
-    def __init__(self, supervisor: Supervisor, out) -> None:
+    def __init__(self, supervisor: Supervisor, out, on_restart: Callable[[], None] = lambda: None) -> None:
+        """`on_restart`: called after each restart (`up` rewrites its pids file)."""
         self.supervisor = supervisor
         self.out = out
+        self.on_restart = on_restart
         self.delay: dict[str, float] = {}
         self.started: dict[str, float] = {}
         self.tasks: set[asyncio.Task] = set()
@@ -337,6 +340,7 @@ class _Restarts:
             print(f"meshproxy up: cannot restart {child.name}: {exc}", file=self.out, flush=True)
             return
         self.started_now(child)
+        self.on_restart()
         print(f"meshproxy up: restarted {child.name} (pid {child.pid})", file=self.out, flush=True)
 
     def cancel(self) -> None:
@@ -373,7 +377,7 @@ async def run_mesh(mesh_file: Path, state_dir: Path, out=sys.stdout) -> int:
     if mtls_mode != "DISABLE":
         identity = make_identities(state_dir, snapshot.trust_domain, planned)
     supervisor = Supervisor(state_dir / "logs", out=out)
-    restarts = _Restarts(supervisor, out)
+    restarts = _Restarts(supervisor, out, lambda: _write_pids(state_dir, supervisor))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):

@@ -107,6 +107,9 @@ def test_up_runs_the_mesh_and_stops_everything(tmp_path: Path) -> None:
         wait_until(lambda: {_call_backend(frontend_inbound) for _ in range(4)} == {"backend-0", "backend-1"},
                    10)
         pids = [int(line.split()[0]) for line in (state / "pids").read_text().splitlines()]
+        # The pids file names the restarted process, not the one that died.
+        now = dict(reversed(line.split(maxsplit=1)) for line in (state / "pids").read_text().splitlines())
+        assert now["backend-1/app"] != named["backend-1/app"] and alive(int(now["backend-1/app"]))
     finally:
         proc.send_signal(signal.SIGINT)
         code = proc.wait(timeout=60)

@@ -269,6 +269,10 @@ def test_update_and_cancel(demo: Demo) -> None:
     final = wait_for(lambda: (b := demo.status(delivery_id).json())["status"] == "cancelled" and b,
                      timeout=10, interval=0.05, what="the cancellation")
     assert final["notes"] == "ring twice"
+    # An update of a cancelled delivery is a conflict that says why (it was once a 500).
+    r = demo.http.put(f"{demo.ingestion}/api/deliveries/{delivery_id}", json={"notes": "x"}, timeout=5)
+    assert r.status_code == 409 and r.json() == {"error": "the delivery is cancelled",
+                                                 "status": "cancelled"}, r.text
     assert demo.get("package-0", f"/api/packages/pkg-{delivery_id}")["status"] == "cancelled"
     assert demo.http.get(f"{demo.ingestion}/api/deliveries/d-nosuchthing", timeout=5).status_code == 404
     assert demo.http.delete(f"{demo.ingestion}/api/deliveries/d-nosuchthing", timeout=5).status_code == 404
