@@ -9,6 +9,7 @@ No I/O here: the loader reads files and hands their text in.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 from typing import Any, Union
 
@@ -67,21 +68,54 @@ class YMap:
 YNode = Union[YScalar, YSeq, YMap]
 
 
+# Bounds on what a file may make of its nodes (a configuration nests about ten levels deep and
+# uses aliases, if at all, for a few shared blocks):
+# - nesting: the builder below recurses once per level, as do the parsers after it;
+#   libyaml's composer recurses in C and overflows an 8 MiB stack (SIGSEGV) somewhere past
+#   20,000 levels, so text that could nest deeper than SCAN_DEPTH_ABOVE levels has its
+#   events counted before it is composed;
+# - aliases: each repeats the node it names, so a few lines can stand for billions of
+#   nodes ("billion laughs"), or for one containing itself.
+MAX_DEPTH = 100
+SCAN_DEPTH_ABOVE = 4000
+NODES_PER_CHARACTER = 10
+NODES_ALWAYS = 10_000
+_END = object()
+
+
 def _pos(file: str, mark: yaml.Mark) -> Pos:
     return Pos(file, mark.line + 1, mark.column + 1)
 
 
-class _Builder:
-    """Turns composed PyYAML nodes into Y* nodes, reporting duplicate and non-scalar keys."""
+class _Refused(Exception):
+    """A document past the bounds above: `mark`, where; `problem`, what."""
 
-    def __init__(self, file: str, diags: Diagnostics) -> None:
+    def __init__(self, mark: yaml.Mark, problem: str) -> None:
+        super().__init__(problem)
+        self.mark = mark
+        self.problem = problem
+
+
+class _Builder:
+    """Turns composed PyYAML nodes into Y* nodes, reporting duplicate and non-scalar keys.
+    Raises _Refused for nesting past MAX_DEPTH, an alias inside the node it names, or
+    aliases that expand past `max_nodes` nodes."""
+
+    def __init__(self, file: str, diags: Diagnostics, max_nodes: int) -> None:
         self.file = file
         self.diags = diags
         self.constructor = SafeConstructor()
+        self.max_nodes = max_nodes
+        self.nodes = 0  # built so far, aliases expanded
+        self.open: set[int] = set()  # the collections being built (ids): an alias to one is a cycle
 
-    def build(self, node: yaml.Node) -> YNode:
+    def build(self, node: yaml.Node, depth: int = 0) -> YNode:
+        self.nodes += 1
+        if self.nodes > self.max_nodes:
+            raise _Refused(node.start_mark, f"aliases expand to more than {self.max_nodes} nodes")
         pos = _pos(self.file, node.start_mark)
         if isinstance(node, MappingNode):
+            self._enter(node, depth)
             entries: dict[str, YEntry] = {}
             for key_node, value_node in node.value:
                 key_pos = _pos(self.file, key_node.start_mark)
@@ -93,15 +127,51 @@ class _Builder:
                     first = entries[key].key_pos
                     self.diags.error(key_pos, f"duplicate key '{key}' (first at line {first.line})")
                     continue
-                entries[key] = YEntry(key, key_pos, self.build(value_node))
+                entries[key] = YEntry(key, key_pos, self.build(value_node, depth + 1))
+            self.open.discard(id(node))
             return YMap(pos, entries)
         if isinstance(node, SequenceNode):
-            return YSeq(pos, tuple(self.build(item) for item in node.value))
+            self._enter(node, depth)
+            items = tuple([self.build(item, depth + 1) for item in node.value])
+            self.open.discard(id(node))
+            return YSeq(pos, items)
         if node.tag in _PLAIN_TAGS:
             return YScalar(pos, self.constructor.construct_object(node))
         # Timestamps, binary and custom tags stay the text written; fields that want
         # a string get it, the others report a wrong type.
         return YScalar(pos, node.value)
+
+    def _enter(self, node: yaml.Node, depth: int) -> None:
+        """Before building a collection: refuse it nested too deep, or inside itself."""
+        if depth >= MAX_DEPTH:
+            raise _Refused(node.start_mark, f"nested deeper than {MAX_DEPTH} levels")
+        if id(node) in self.open:
+            raise _Refused(node.start_mark, "an alias inside the node it names")
+        self.open.add(id(node))
+
+
+def _too_deep(text: str) -> tuple[int, yaml.Mark] | None:
+    """(document index, mark) of the first node of `text` nested deeper than MAX_DEPTH, or
+    None. Every level is a flow bracket or at least one more column of a line, so the events
+    (libyaml's parser keeps no C stack per level) are only counted when those could add up
+    to more than SCAN_DEPTH_ABOVE; the builder checks the depth of anything shallower."""
+    if text.count("[") + text.count("{") + max(map(len, text.splitlines()), default=0) <= SCAN_DEPTH_ABOVE:
+        return None
+    document = -1
+    depth = 0
+    try:
+        for event in yaml.parse(text, Loader=_LOADER):
+            if isinstance(event, (yaml.SequenceStartEvent, yaml.MappingStartEvent)):
+                depth += 1
+                if depth > MAX_DEPTH:
+                    return document, event.start_mark
+            elif isinstance(event, (yaml.SequenceEndEvent, yaml.MappingEndEvent)):
+                depth -= 1
+            elif isinstance(event, yaml.DocumentStartEvent):
+                document += 1
+    except yaml.YAMLError:
+        pass  # composing reports it, at the same place
+    return None
 
 
 def _line_col(text: str, offset: int) -> tuple[int, int]:
@@ -116,16 +186,26 @@ def parse_yaml(text: str, file: str, diags: Diagnostics) -> list[YNode]:
     A YAML syntax error is recorded in `diags` at its line and column; documents before it are
     still returned, the rest of the file is not read. Nothing is raised.
     """
-    builder = _Builder(file, diags)
+    builder = _Builder(file, diags, NODES_PER_CHARACTER * len(text) + NODES_ALWAYS)
     docs: list[YNode] = []
     try:
-        for node in yaml.compose_all(text, Loader=_LOADER):
+        deep = _too_deep(text)
+        composed = yaml.compose_all(text, Loader=_LOADER)
+        for index in itertools.count():
+            if deep is not None and index == deep[0]:
+                # Stop before libyaml composes it (the next `next` would).
+                raise _Refused(deep[1], f"nested deeper than {MAX_DEPTH} levels")
+            node = next(composed, _END)
+            if node is _END:
+                break
             if node is None:
                 continue
             doc = builder.build(node)
             if isinstance(doc, YScalar) and doc.value is None:
                 continue  # an empty document, e.g. between two `---`
             docs.append(doc)
+    except _Refused as exc:
+        diags.error(_pos(file, exc.mark), f"invalid YAML: {exc.problem}")
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         pos = _pos(file, mark) if mark is not None else Pos(file, 1, 1)

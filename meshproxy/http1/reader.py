@@ -78,7 +78,7 @@ class RequestReader(_HeadCollector):
     requests in the error's `completed` events, complete before the bad one, are answered).
     """
 
-    __slots__ = ("_url_parts", "_head", "_last_head", "_upgrade_body")
+    __slots__ = ("_url_parts", "_head", "_last_head", "_upgrade_body", "_resume")
 
     def __init__(self, max_header_bytes: int = MAX_HEADER_BYTES) -> None:
         self._max_head = max_header_bytes
@@ -89,6 +89,7 @@ class RequestReader(_HeadCollector):
         self._url_parts: list = []
         self._mid_head = False
         self._upgrade_body = 0  # body bytes of an upgrade request still to come
+        self._resume = False  # after that body, HTTP goes on (an upgrade not taken)
         self._reset_head()
         self._parser = httptools.HttpRequestParser(self)
 
@@ -104,8 +105,10 @@ class RequestReader(_HeadCollector):
         """Parse `data`; return the events it completes. Raises BadRequest, HeadersTooLarge."""
         events = self._events = []
         if self._upgrade_body:
-            self._take_upgrade_body(data, events)
-            return events
+            resumed = self._take_upgrade_body(data, events)
+            if resumed is None:
+                return events
+            data = resumed
         self._count_unfinished(data)
         while True:
             try:
@@ -115,8 +118,19 @@ class RequestReader(_HeadCollector):
                 head = self._last_head
                 if head is not None and head.upgrade is None:
                     # llhttp switched, but the request does not upgrade by our rules (HTTP/1.0,
-                    # RFC 9110 §7.8): go on parsing HTTP with a fresh parser.
+                    # RFC 9110 §7.8): go on parsing HTTP with a fresh parser, after the body
+                    # llhttp skipped: parsed as a request, it would be one smuggled past
+                    # every hop that reads it as this request's body.
                     self._parser = httptools.HttpRequestParser(self)
+                    if head.content_length:
+                        if events and events[-1] is END_OF_MESSAGE:
+                            events.pop()
+                        self._upgrade_body = head.content_length
+                        self._resume = True
+                        resumed = self._take_upgrade_body(rest, events)
+                        if resumed is None:
+                            break
+                        rest = resumed
                     data = rest
                     continue
                 self._upgraded(head, rest, events)
@@ -128,7 +142,14 @@ class RequestReader(_HeadCollector):
 
     def _upgraded(self, head: RequestHead | None, rest: bytes, events: list) -> None:
         if head is not None and head.chunked:
-            raise BadRequest("an upgrade request with a chunked body")
+            # Nothing of this request is handed over; the requests complete before it in
+            # this read still are, as with any error (see _failed).
+            for i in range(len(events) - 1, -1, -1):
+                if events[i] is head:
+                    del events[i:]
+                    break
+            self._error = BadRequest("an upgrade request with a chunked body")
+            self._failed(self._error, events)
         if head is not None and head.content_length:
             # llhttp skips an upgrade request's body, but it is still this request's: only
             # what follows it belongs to the new protocol.
@@ -139,14 +160,21 @@ class RequestReader(_HeadCollector):
         else:
             events.append(Upgrade(rest))
 
-    def _take_upgrade_body(self, data: bytes, events: list) -> None:
+    def _take_upgrade_body(self, data: bytes, events: list) -> bytes | None:
+        """Take what `data` holds of the body llhttp skipped; return what follows it when
+        HTTP goes on after it (None: the body is not over, or the connection upgraded)."""
         step = min(self._upgrade_body, len(data))
         if step:
             events.append(data[:step])
             self._upgrade_body -= step
-        if not self._upgrade_body:
-            events.append(END_OF_MESSAGE)
-            events.append(Upgrade(data[step:]))
+        if self._upgrade_body:
+            return None
+        events.append(END_OF_MESSAGE)
+        if self._resume:
+            self._resume = False
+            return data[step:]
+        events.append(Upgrade(data[step:]))
+        return None
 
     def _failed(self, exc: Exception, events: list) -> None:
         """Raise the error llhttp (or a rule) found, with the requests completed before it."""

@@ -99,9 +99,11 @@ class ResponseReader:
             events.append(Upgrade(data[exc.args[0]:]))
         except httptools.HttpParserError as exc:
             error, self._error = self._error, None
-            if isinstance(error, _AfterResponse):
+            if isinstance(error, _AfterResponse) or self._start < 0:
                 # The exchange's response is complete and goes on as it is; the connection
-                # cannot be trusted with another one.
+                # cannot be trusted with another one. (Bytes after it that llhttp finds
+                # malformed, say a chunk after the head of a response to HEAD, are no
+                # different from a second response: the same whichever read they come in.)
                 if self._last is not None:
                     self._last.keep_alive = False
                 self._parser = httptools.HttpResponseParser(self)
@@ -196,7 +198,9 @@ class ResponseReader:
         elif status_line[5] == 49 and status_line[7] == 48:
             version = "1.0"
         else:
-            version = parser.get_http_version()
+            # llhttp also takes HTTP/0.9 and HTTP/2.0 status lines: neither is an HTTP/1.x
+            # response (RFC 9112 §2.3), nor one the proxy may relay as HTTP/1.1.
+            self._fail(UpstreamProtocolError("not an HTTP/1.x response"))
         self._mid_head = False
         # The next message in this read (a final response after a 1xx) begins here.
         self._start = end + 4 - before
@@ -299,6 +303,11 @@ class ResponseReader:
             # with a second response (the response went on whole at its head; the connection
             # is not reused), however TCP split it.
             self._fail(_AfterResponse("body sent in a response to HEAD"))
+        if self._interim:
+            # llhttp reads a body for a 1xx it does not know (104-199) that carries
+            # Transfer-Encoding; a 1xx ends at its head (RFC 9110 §15.2): what follows it
+            # would have to be the next response, and this is not one.
+            self._fail(UpstreamProtocolError("a body in an interim (1xx) response"))
         self._events.append(body)
 
     def on_message_complete(self) -> None:

@@ -262,6 +262,11 @@ class Codec:
         try:
             self._conn.receive_data(data)
             raw = self._conn.events()
+        except ngh2.ConnectionStateError:
+            # The session is over (`finished`: a GOAWAY went either way and its last stream
+            # is done, or the library's GOAWAY after a protocol error has been taken): the
+            # library reads nothing more, and nothing the peer still sends is answered.
+            return []
         except ngh2.DenialOfServiceError as exc:
             # nghttp2 has torn the session down: it writes nothing more, so the GOAWAY is ours.
             self._failed = True

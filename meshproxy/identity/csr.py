@@ -48,7 +48,8 @@ def read_csr(pem: bytes) -> x509.CertificateSigningRequest:
         raise CSRError("not a PEM certificate signing request")
     try:
         csr = x509.load_pem_x509_csr(pem)
-    except (ValueError, UnsupportedAlgorithm) as exc:
+    except (ValueError, UnsupportedAlgorithm, x509.InvalidVersion) as exc:
+        # InvalidVersion (a version field other than v1) is no ValueError.
         raise CSRError(f"not a PEM certificate signing request: {exc}") from None
     try:
         public_key = csr.public_key()

@@ -137,9 +137,15 @@ def _response(uid: str, patch: list | None = None, warnings: list[str] | None = 
     return {"apiVersion": ADMISSION_API_VERSION, "kind": "AdmissionReview", "response": response}
 
 
+def _object(value: Any) -> dict:
+    """`value` when it is a JSON object, else an empty one: a review's parts are read without
+    trusting their types (anything the API server would not send means "not a pod")."""
+    return value if isinstance(value, dict) else {}
+
+
 def _is_pod_create(request: dict) -> bool:
-    kind = request.get("kind") or {}
-    resource = request.get("resource") or {}
+    kind = _object(request.get("kind"))
+    resource = _object(request.get("resource"))
     is_pod = (kind.get("group", "") == "" and kind.get("kind") == "Pod") or \
         (resource.get("group", "") == "" and resource.get("resource") == "pods")
     # A subresource (pods/ephemeralcontainers, pods/binding) is not the pod's creation.
@@ -147,8 +153,8 @@ def _is_pod_create(request: dict) -> bool:
 
 
 def _pod_name(request: dict, pod: dict) -> str:
-    meta = pod.get("metadata") or {}
-    name = meta.get("name") or request.get("name") or (meta.get("generateName") or "") + "*"
+    meta = _object(pod.get("metadata"))
+    name = meta.get("name") or request.get("name") or f"{meta.get('generateName') or ''}*"
     return f"{request.get('namespace') or meta.get('namespace') or '?'}/{name}"
 
 
@@ -173,7 +179,7 @@ class Injector:
         # pod's own annotation decides. Never None, which would tell inject() that the caller
         # chose the objects explicitly (`meshproxy inject`).
         labels: Mapping[str, str] = {}
-        namespace = request.get("namespace") or (pod.get("metadata") or {}).get("namespace")
+        namespace = request.get("namespace") or _object(pod.get("metadata")).get("namespace")
         if namespace and self.namespaces is not None:
             try:
                 labels = await self.namespaces.labels(namespace) or {}
