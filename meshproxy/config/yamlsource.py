@@ -169,8 +169,47 @@ def _too_deep(text: str) -> tuple[int, yaml.Mark] | None:
                 depth -= 1
             elif isinstance(event, yaml.DocumentStartEvent):
                 document += 1
+    except yaml.MarkedYAMLError as exc:
+        if "maximum nesting depth" in (exc.problem or ""):
+            # libyaml's own limit (PyYAML 6.0.4 and later: 1000 levels), met while it scans
+            # flow brackets ahead, before the event of the level past ours reaches the loop
+            # above: find that level in the text.
+            mark = _flow_level_mark(text, MAX_DEPTH + 1)
+            if mark is not None:
+                return max(document, 0), mark
     except yaml.YAMLError:
         pass  # composing reports it, at the same place
+    return None
+
+
+def _flow_level_mark(text: str, level: int) -> yaml.Mark | None:
+    """Where the flow bracket that opens nesting level `level` is, or None: brackets in
+    quoted scalars and comments do not count. Only for text libyaml has already refused as
+    too deep, so that the error names the place our limit is passed."""
+    depth = 0
+    line = column = 0
+    quote = ""
+    comment = False
+    for index, char in enumerate(text):
+        if char == "\n":
+            line, column, comment = line + 1, 0, False
+            continue
+        if comment:
+            pass
+        elif quote:
+            if char == quote:
+                quote = ""
+        elif char in "\"'":
+            quote = char
+        elif char == "#" and (column == 0 or text[index - 1] in " \t"):
+            comment = True
+        elif char in "[{":
+            depth += 1
+            if depth == level:
+                return yaml.Mark("<text>", index, line, column, None, None)
+        elif char in "]}":
+            depth -= 1
+        column += 1
     return None
 
 
