@@ -11,7 +11,10 @@
     GET    /stats
 
 Work goes to the scheduler through a bounded queue served by `--workers` tasks: a burst is
-absorbed up to `--queue` requests and refused beyond, never buffered without bound.
+absorbed up to `--queue` requests and refused beyond, never buffered without bound. What it
+accepted is kept in its store (`--store`, demo/store.py) as well as in memory, so that an
+instance that is killed and started again still knows each delivery, and sends on the creates
+it had accepted but not yet scheduled (the scheduler takes a delivery id it knows as done).
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from aiohttp import web
 from meshproxy.demo.common import (
     CLIENT, ID_RE, ServiceClient, Settings, base_app, error, json_body, propagated,
 )
+from meshproxy.demo.store import Store, default_path
 
 log = logging.getLogger("meshproxy.demo")
 KEEP = 20_000  # deliveries whose local state is remembered
@@ -46,21 +50,58 @@ class Job:
 class Ingestion:
     """The queue to the scheduler, its workers, and what this instance knows of each delivery."""
 
-    def __init__(self, client: ServiceClient, queue_size: int) -> None:
+    def __init__(self, client: ServiceClient, queue_size: int, store: Store | None = None) -> None:
         self.client = client
         self.queue: asyncio.Queue[Job] = asyncio.Queue(maxsize=queue_size)
         self.known: OrderedDict[str, dict] = OrderedDict()
         self.counts: Counter[str] = Counter()
+        self.store = store
 
-    def note(self, delivery_id: str, status: str, reason: str = "") -> None:
-        self.known[delivery_id] = {"status": status, "reason": reason}
+    def note(self, delivery_id: str, status: str, reason: str = "", job: Job | None = None) -> None:
+        """Remember the delivery's state here; in the store too, with the create `job` while
+        it is still to be scheduled (what a restarted instance sends on)."""
+        entry = {"status": status, "reason": reason}
+        self.known[delivery_id] = entry
         self.known.move_to_end(delivery_id)
         while len(self.known) > KEEP:
             self.known.popitem(last=False)
+        if self.store is not None:
+            def change(old: dict | None) -> dict:
+                pending = job or (old or {}).get("job") if status in PENDING else None
+                return {**entry, "job": {"body": pending.body, "headers": pending.headers}
+                        if isinstance(pending, Job) else pending}
+            self.store.update(delivery_id, change)
+
+    def entry(self, delivery_id: str) -> dict | None:
+        """{status, reason} of a delivery this service accepted, or None."""
+        entry = self.known.get(delivery_id)
+        if entry is None and self.store is not None:
+            stored = self.store.get(delivery_id)
+            if stored is not None:
+                entry = {"status": stored["status"], "reason": stored.get("reason", "")}
+        return entry
 
     def status(self, delivery_id: str) -> str | None:
-        entry = self.known.get(delivery_id)
+        entry = self.entry(delivery_id)
         return entry["status"] if entry else None
+
+    def recover(self) -> int:
+        """Queue again the creates accepted before a restart and not yet scheduled; return how
+        many (as many as the queue holds)."""
+        if self.store is None:
+            return 0
+        queued = 0
+        for delivery_id, record in self.store.items():
+            job = record.get("job")
+            if record.get("status") not in PENDING or not isinstance(job, dict):
+                continue
+            try:
+                self.queue.put_nowait(Job("create", delivery_id, job["body"], job["headers"]))
+            except asyncio.QueueFull:
+                break
+            self.known[delivery_id] = {"status": "accepted", "reason": ""}
+            queued += 1
+        return queued
 
     async def work(self) -> None:
         """Serve the queue until cancelled."""
@@ -115,6 +156,7 @@ INGESTION = web.AppKey("ingestion", Ingestion)
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--queue", type=int, default=200, help="requests waiting for the scheduler, at most")
     parser.add_argument("--workers", type=int, default=16, help="scheduler calls at a time")
+    parser.add_argument("--store", default=None, help="SQLite file of the deliveries accepted")
 
 
 def _point_error(name: str, value: object) -> str | None:
@@ -156,7 +198,7 @@ async def create(request: web.Request) -> web.Response:
         return web.json_response({"error": "too many requests in progress, try again"}, status=503,
                                  headers={"Retry-After": "1"})
     ingestion.counts["accepted"] += 1
-    ingestion.note(delivery_id, "accepted")
+    ingestion.note(delivery_id, "accepted", job=Job("create", delivery_id, body, propagated(request)))
     return web.json_response({"deliveryId": delivery_id, "status": "accepted"}, status=202,
                              headers={"Location": f"/api/deliveries/{delivery_id}"})
 
@@ -169,7 +211,7 @@ async def get_status(request: web.Request) -> web.Response:
     if reply.ok:
         version = reply.headers.get("x-delivery-version", "")
         return web.json_response(reply.body, headers={"x-delivery-version": version} if version else None)
-    local = ingestion.known.get(delivery_id)
+    local = ingestion.entry(delivery_id)
     if reply.status == 404 and local is not None:
         return web.json_response({"deliveryId": delivery_id, **local})
     if reply.status == 404:
@@ -231,9 +273,12 @@ def build_app(settings: Settings, args: argparse.Namespace) -> web.Application:
     if args.queue < 1 or args.workers < 1:
         raise SystemExit("--queue and --workers must be at least 1")
     app = base_app(settings)
-    app[INGESTION] = Ingestion(app[CLIENT], args.queue)
+    app[INGESTION] = Ingestion(app[CLIENT], args.queue, Store(args.store or default_path("ingestion")))
 
     async def workers(app: web.Application):
+        recovered = app[INGESTION].recover()
+        if recovered:
+            log.info("ingestion: %d accepted deliveries queued again after a restart", recovered)
         tasks = [asyncio.ensure_future(app[INGESTION].work()) for _ in range(args.workers)]
         yield
         for task in tasks:

@@ -63,6 +63,11 @@ class Store:
             raise
         return old, new
 
+    def items(self) -> list[tuple[str, dict]]:
+        """Return every (key, object) stored."""
+        return [(key, json.loads(value)) for key, value in
+                self._db.execute("SELECT key, value FROM records ORDER BY rowid")]
+
     def count(self) -> int:
         """Return how many objects are stored."""
         return self._db.execute("SELECT COUNT(*) FROM records").fetchone()[0]
