@@ -25,7 +25,6 @@ import shlex
 import shutil
 import signal
 import sys
-import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -36,8 +35,8 @@ from harness.chaos_report import BACK_GOAL, KINDS, classify, markdown  # noqa: E
 from harness.cli import busy_before_start, progress, start_run, write_report  # noqa: E402
 from harness.demo_load import expected, read_records, start_load  # noqa: E402
 from harness.demo_mesh import (DEMO_MESH, DemoMesh, MeshError, Proc, app_exceptions,  # noqa: E402
-                               child_pids, describe, shifted_copy)
-from harness.demo_probes import config_version, edge_url, http_json, ports_taken, serving  # noqa: E402
+                               child_pids, describe)
+from harness.demo_probes import config_version, edge_url, http_json, mesh_workdir, serving  # noqa: E402
 from harness.procs import cpu_busy_ticks  # noqa: E402
 
 OUT_DIR = Path(__file__).resolve().parent / "out"
@@ -288,14 +287,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if not start_run(args, ["taskset"] if args.proxy_cpu is not None or args.load_cpu is not None else []):
         return 2
-    workdir = Path(tempfile.mkdtemp(prefix="meshproxy-chaos-"))
-    if args.port_offset:
-        args.mesh_file = shifted_copy(args.mesh_file, args.port_offset, workdir)
-    taken = ports_taken(args.mesh_file)
-    if taken:
-        progress(f"ports of {args.mesh_file} already in use ({', '.join(map(str, taken))}): "
-                 "is another mesh running? (--port-offset moves them)")
-        shutil.rmtree(workdir, ignore_errors=True)
+    workdir = mesh_workdir(args, "meshproxy-chaos-", progress)
+    if workdir is None:
         return 2
     busy = busy_before_start()
     meshproxy_cmd = shlex.split(args.meshproxy_cmd)

@@ -24,7 +24,6 @@ import resource
 import shlex
 import shutil
 import sys
-import tempfile
 import time
 from collections import Counter
 from datetime import datetime, timezone
@@ -34,9 +33,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from harness.cli import busy_before_start, progress, start_run, write_report  # noqa: E402
 from harness.demo_load import expected, read_records, start_load  # noqa: E402
-from harness.demo_mesh import DEMO_MESH, DemoMesh, MeshError, app_exceptions, shifted_copy  # noqa: E402
+from harness.demo_mesh import DEMO_MESH, DemoMesh, MeshError, app_exceptions  # noqa: E402
 from harness.demo_probes import (edge_url, error_counts, fd_count, fd_kinds,  # noqa: E402
-                                 ingestion_address, ingestion_queue, metrics_url, ports_taken,
+                                 ingestion_address, ingestion_queue, metrics_url, mesh_workdir,
                                  rss_kib, tcp_states)
 from harness.procs import cpu_busy_ticks  # noqa: E402
 from harness.soak_report import markdown, plot, write_csv  # noqa: E402
@@ -320,14 +319,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if not start_run(args, ["taskset"] if args.proxy_cpu is not None or args.load_cpu is not None else []):
         return 2
-    workdir = Path(tempfile.mkdtemp(prefix="meshproxy-soak-"))
-    if args.port_offset:
-        args.mesh_file = shifted_copy(args.mesh_file, args.port_offset, workdir)
-    taken = ports_taken(args.mesh_file)
-    if taken:
-        progress(f"ports of {args.mesh_file} already in use ({', '.join(map(str, taken))}): "
-                 "is another mesh running? (--port-offset moves them)")
-        shutil.rmtree(workdir, ignore_errors=True)
+    workdir = mesh_workdir(args, "meshproxy-soak-", progress)
+    if workdir is None:
         return 2
     busy = busy_before_start()
     meshproxy_cmd = shlex.split(args.meshproxy_cmd)

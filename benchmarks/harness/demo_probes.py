@@ -10,11 +10,13 @@ import json
 import os
 import re
 import socket
+import tempfile
+import shutil
 import urllib.error
 import urllib.request
 from pathlib import Path
 
-from harness.demo_mesh import Proc
+from harness.demo_mesh import Proc, shifted_copy
 
 
 def rss_kib(pid: int) -> int | None:
@@ -234,3 +236,18 @@ def fd_kinds(pid: int, states: dict[int, str]) -> dict[str, int] | None:
             kind = "file"
         kinds[kind] = kinds.get(kind, 0) + 1
     return kinds
+
+
+def mesh_workdir(args, prefix: str, progress) -> Path | None:
+    """A work folder for a run of the demo (soak.py, chaos.py), with `args.mesh_file` moved by
+    `--port-offset` into it when asked; None, having said why, when the mesh's ports are taken."""
+    workdir = Path(tempfile.mkdtemp(prefix=prefix))
+    if args.port_offset:
+        args.mesh_file = shifted_copy(args.mesh_file, args.port_offset, workdir)
+    taken = ports_taken(args.mesh_file)
+    if taken:
+        progress(f"ports of {args.mesh_file} already in use ({', '.join(map(str, taken))}): "
+                 "is another mesh running? (--port-offset moves them)")
+        shutil.rmtree(workdir, ignore_errors=True)
+        return None
+    return workdir

@@ -178,7 +178,7 @@ class _PowerOfTwoChoices:
 
     def _better(self, a: EndpointLoad, b: EndpointLoad) -> EndpointLoad:
         """Returns the better of `a` and `b`."""
-        raise NotImplementedError
+        raise NotImplementedError  # abstract: PeakEwmaBalancer, LeastRequestBalancer
 
     def _fewer_in_flight(self, a: EndpointLoad, b: EndpointLoad) -> EndpointLoad:
         """Returns the one of `a` and `b` with fewer requests in flight, a random one when
